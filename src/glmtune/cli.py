@@ -1,0 +1,72 @@
+"""The ``glmtune`` command: parses flags and calls a recipe. Nothing else lives here."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import typer
+
+from glmtune.errors import GlmtuneError
+
+app = typer.Typer(help="Fine-tune, evaluate and serve ChatGLM-family and other open LLMs.", no_args_is_help=True,
+                  add_completion=False, pretty_exceptions_enable=False)
+
+# Flags come from the one config dataclass (glmtune.config), so these commands pass their arguments
+# through untouched and `--help` is answered by that parser.
+PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+
+
+def _config(ctx: typer.Context, command: str):
+    from glmtune.config import parse_config
+
+    sys.argv[0] = f"glmtune {command}"
+    return parse_config(list(ctx.args))
+
+
+@app.command(context_settings=PASS_THROUGH)
+def train(ctx: typer.Context) -> None:
+    """Fine-tune (lora, ptuning, freeze or full). Takes the seed's train.sh flags; --help lists them."""
+    from glmtune.recipes.train import run_train
+
+    run_train(_config(ctx, "train"))
+
+
+@app.command(context_settings=PASS_THROUGH)
+def main(ctx: typer.Context) -> None:
+    """Drop-in for the seed's `python main.py`: runs --do_train and/or --do_predict."""
+    from glmtune.recipes.train import run_train
+
+    config = _config(ctx, "main")
+    if not (config.do_train or config.do_predict):
+        raise GlmtuneError("glmtune main needs --do_train and/or --do_predict")
+    if config.do_train:
+        run_train(config)
+    if config.do_predict:
+        from glmtune.recipes.predict import run_predict
+
+        run_predict(config)
+
+
+@app.command()
+def demo(
+    steps: int = typer.Option(60, help="Training steps (CPU: a few seconds each)."),
+    output_dir: str = typer.Option("output/demo", help="Where the demo run goes."),
+) -> None:
+    """Fine-tune the bundled model on the bundled sample, then print answers before and after."""
+    from glmtune.recipes.demo import run_demo
+
+    run_demo(steps=steps, output_dir=output_dir)
+
+
+def main_entry() -> None:
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    logging.getLogger("glmtune").setLevel(logging.INFO)
+    try:
+        app()
+    except GlmtuneError as error:
+        typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        typer.secho("interrupted", err=True)
+        raise SystemExit(130) from None

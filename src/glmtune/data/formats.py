@@ -1,0 +1,185 @@
+"""Read training data files into conversations.
+
+Three record formats are understood:
+
+* ``columns`` (the seed's ADGEN style): ``--prompt_column``, ``--response_column`` and an optional
+  ``--history_column`` holding ``[[query, answer], ...]``.
+* ``alpaca``: ``instruction``, optional ``input``, ``output`` and optional ``history``.
+* ``sharegpt``: ``conversations``, a list of ``{"from": "human"|"gpt"|"system", "value": ...}``
+  (``role``/``content`` with user/assistant are accepted too).
+
+Files are a JSON array or JSON lines. Every problem is reported as ``file:line: what is wrong``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from glmtune.errors import GlmtuneError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Turn:
+    query: str
+    answer: str
+    trains: bool = True
+
+
+@dataclass
+class Conversation:
+    """One record: earlier turns, then the final turn. ``trains`` marks the answers that carry loss."""
+
+    turns: list[Turn]
+    system: str | None = None
+    source: str = ""  # "file:line", for messages
+
+
+@dataclass
+class FormatOptions:
+    dataset_format: str = "columns"
+    prompt_column: str = "content"
+    response_column: str = "summary"
+    history_column: str | None = None
+    train_on: str = "last"
+    require_response: bool = True
+
+
+class BadRecord(GlmtuneError):
+    pass
+
+
+@dataclass
+class LoadReport:
+    conversations: list[Conversation] = field(default_factory=list)
+    skipped: int = 0
+
+
+def read_conversations(path: str | Path, options: FormatOptions, skip_bad_records: bool = False) -> list[Conversation]:
+    """All conversations in a file; raises GlmtuneError naming file, line and key for a bad record."""
+    path = Path(path)
+    if not path.is_file():
+        raise GlmtuneError(f"data file not found: {path}")
+    report = LoadReport()
+    for where, record in _raw_records(path, skip_bad_records, report):
+        try:
+            report.conversations.append(_to_conversation(record, options, where))
+        except BadRecord as error:
+            if not skip_bad_records:
+                raise
+            report.skipped += 1
+            logger.debug("skipped %s", error)
+    if report.skipped:
+        logger.warning("%s: skipped %d bad record(s) (--skip_bad_records)", path, report.skipped)
+    if not report.conversations:
+        raise GlmtuneError(f"{path}: no usable records (the file is empty or every record was bad)")
+    return report.conversations
+
+
+def _raw_records(path: Path, skip_bad_records: bool, report: LoadReport):
+    text = path.read_text(encoding="utf-8-sig")
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise GlmtuneError(f"{path}:{error.lineno}: not valid JSON ({error.msg}, column {error.colno})") from None
+        # A JSON array has no line per record; name the record by its 1-based index.
+        for index, record in enumerate(records, start=1):
+            yield f"{path}:record {index}", record
+        return
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield f"{path}:{line_number}", json.loads(line)
+        except json.JSONDecodeError as error:
+            message = f"{path}:{line_number}: not valid JSON ({error.msg}, column {error.colno})"
+            if not skip_bad_records:
+                raise GlmtuneError(message) from None
+            report.skipped += 1
+            logger.debug("skipped %s", message)
+
+
+def _string(record: dict, key: str, where: str, required: bool = True) -> str | None:
+    if key not in record or record[key] is None:
+        if required:
+            raise BadRecord(f"{where}: missing key '{key}'")
+        return None
+    value = record[key]
+    if not isinstance(value, str):
+        raise BadRecord(f"{where}: key '{key}' must be a string, got {type(value).__name__}")
+    return value
+
+
+def _history(record: dict, key: str | None, where: str) -> list[Turn]:
+    if not key or record.get(key) is None:
+        return []
+    pairs = record[key]
+    if not isinstance(pairs, list):
+        raise BadRecord(f"{where}: key '{key}' must be a list of [query, answer] pairs")
+    turns = []
+    for index, pair in enumerate(pairs):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise BadRecord(f"{where}: key '{key}' item {index} must be a [query, answer] pair of strings")
+        turns.append(Turn(pair[0], pair[1], trains=False))
+    return turns
+
+
+def _to_conversation(record, options: FormatOptions, where: str) -> Conversation:
+    if not isinstance(record, dict):
+        raise BadRecord(f"{where}: a record must be a JSON object, got {type(record).__name__}")
+    if options.dataset_format == "columns":
+        query = _string(record, options.prompt_column, where)
+        answer = _string(record, options.response_column, where, options.require_response) or ""
+        turns = _history(record, options.history_column, where) + [Turn(query, answer)]
+        return Conversation(turns, source=where)
+    if options.dataset_format == "alpaca":
+        instruction = _string(record, "instruction", where)
+        extra_input = _string(record, "input", where, required=False)
+        query = f"{instruction}\n{extra_input}" if extra_input else instruction
+        answer = _string(record, "output", where, options.require_response) or ""
+        turns = _history(record, "history", where) + [Turn(query, answer)]
+        return Conversation(turns, system=_string(record, "system", where, required=False), source=where)
+    if options.dataset_format == "sharegpt":
+        return _sharegpt(record, options, where)
+    raise GlmtuneError(f"unknown --dataset_format {options.dataset_format}")
+
+
+_ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def _sharegpt(record: dict, options: FormatOptions, where: str) -> Conversation:
+    key = "conversations" if "conversations" in record else "messages"
+    messages = record.get(key)
+    if not isinstance(messages, list) or not messages:
+        raise BadRecord(f"{where}: missing key 'conversations' (a non-empty list of turns)")
+    system = None
+    roles_and_texts = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise BadRecord(f"{where}: key '{key}' item {index} must be an object")
+        role_key, text_key = ("from", "value") if "from" in message else ("role", "content")
+        role = _ROLE_NAMES.get(message.get(role_key))
+        if role is None:
+            raise BadRecord(f"{where}: key '{key}' item {index}: unknown or missing '{role_key}'")
+        text = _string(message, text_key, f"{where}: key '{key}' item {index}")
+        if role == "system" and index == 0:
+            system = text
+        else:
+            roles_and_texts.append((role, text))
+    if not roles_and_texts or roles_and_texts[-1][0] != "assistant":
+        if options.require_response or not roles_and_texts:
+            raise BadRecord(f"{where}: key '{key}' must end with an assistant (gpt) turn")
+        roles_and_texts.append(("assistant", ""))
+    if len(roles_and_texts) % 2 or any(
+        role != expected for (role, _), expected in zip(roles_and_texts, ["user", "assistant"] * len(roles_and_texts))
+    ):
+        raise BadRecord(f"{where}: key '{key}' turns must alternate human, gpt")
+    pairs = list(zip(roles_and_texts[::2], roles_and_texts[1::2]))
+    last = len(pairs) - 1
+    turns = [Turn(q, a, trains=options.train_on == "all" or i == last) for i, ((_, q), (_, a)) in enumerate(pairs)]
+    return Conversation(turns, system=system, source=where)

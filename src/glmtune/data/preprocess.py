@@ -1,0 +1,105 @@
+"""Tokenize conversations into training examples and generation prompts, and pad them into batches.
+
+Prompt and answer are truncated separately, as the seed does: each prompt to ``max_source_length``
+tokens, each answer to ``max_target_length`` tokens (the EOS token included). Labels are -100 on
+prompts and padding, so the loss covers answers only.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from glmtune.data.formats import Conversation
+from glmtune.data.templates import Template
+from glmtune.errors import GlmtuneError
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def answer_tokens(self) -> int:
+        return sum(label != IGNORE_INDEX for label in self.labels)
+
+
+def _encode(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
+    return tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+
+
+def encode_prompt(tokenizer, template: Template, text: str, max_length: int, first: bool) -> list[int]:
+    """Prompt ids, BOS included for the first segment when the tokenizer adds one, cut to ``max_length``."""
+    return _encode(tokenizer, text, add_special_tokens=first and not template.prompt_has_bos)[:max_length]
+
+
+def encode_conversation(
+    conversation: Conversation, tokenizer, template: Template, max_source_length: int, max_target_length: int
+) -> Example:
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for index, segment in enumerate(template.segments(conversation)):
+        prompt_ids = encode_prompt(tokenizer, template, segment.prompt, max_source_length, first=index == 0)
+        answer_ids = _encode(tokenizer, segment.answer, add_special_tokens=False)
+        if template.answer_has_end_marker:
+            answer_ids = answer_ids[:max_target_length]
+        else:
+            answer_ids = answer_ids[: max_target_length - 1] + [tokenizer.eos_token_id]
+        input_ids += prompt_ids + answer_ids
+        labels += [IGNORE_INDEX] * len(prompt_ids) + (answer_ids if segment.trains else [IGNORE_INDEX] * len(answer_ids))
+    return Example(input_ids, labels)
+
+
+def build_examples(
+    conversations: list[Conversation], tokenizer, template: Template, max_source_length: int, max_target_length: int
+) -> list[Example]:
+    """Training examples; an example whose answer is cut away entirely is dropped, and no examples at all is an error."""
+    if tokenizer.eos_token_id is None and not template.answer_has_end_marker:
+        raise GlmtuneError("the tokenizer has no EOS token; set one or use a chat template")
+    examples = [encode_conversation(c, tokenizer, template, max_source_length, max_target_length) for c in conversations]
+    # An answer of only EOS teaches nothing but to stop: it means the answer text was empty or cut away.
+    minimum = 1 if template.answer_has_end_marker else 2
+    kept = [e for e in examples if e.answer_tokens >= minimum]
+    if not kept:
+        raise GlmtuneError(
+            f"no example has answer tokens left after truncation (max_target_length={max_target_length}); "
+            "check --response_column and --max_target_length"
+        )
+    if len(kept) < len(examples):
+        logger.warning("dropped %d example(s) with no answer tokens", len(examples) - len(kept))
+    return kept
+
+
+def build_prompts(conversations: list[Conversation], tokenizer, template: Template, max_source_length: int) -> list[list[int]]:
+    """Prompt ids for generation: everything before the last answer."""
+    return [
+        encode_prompt(tokenizer, template, template.generation_prompt(c), max_source_length, first=True)
+        for c in conversations
+    ]
+
+
+def pad_id(tokenizer) -> int:
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return tokenizer.eos_token_id
+
+
+def collate(examples: list[Example], padding_value: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example in the batch."""
+    length = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), length), padding_value, dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        input_ids[row, :n] = torch.tensor(example.input_ids)
+        labels[row, :n] = torch.tensor(example.labels)
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}

@@ -1,0 +1,115 @@
+"""Prompt templates: how a conversation becomes text segments.
+
+A template turns each turn into a prompt text and an answer text. Turns that carry no loss are folded
+into the prompt of the next turn that does, so ``train_on=last`` gives one prompt and one answer and
+``train_on=all`` gives one (prompt, answer) pair per assistant turn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from glmtune.data.formats import Conversation, Turn
+from glmtune.errors import GlmtuneError
+
+
+@dataclass
+class Segment:
+    prompt: str
+    answer: str
+    trains: bool
+
+
+class Template:
+    """Text templates: ``[Round i]`` style (``chatglm``) or bare (``plain``)."""
+
+    #: Whether the answer text ends the turn by itself (chat templates) or needs the EOS token appended.
+    answer_has_end_marker = False
+    #: Whether the first prompt already contains the BOS text.
+    prompt_has_bos = False
+
+    def __init__(self, name: str):
+        if name not in ("chatglm", "plain"):
+            raise GlmtuneError(f"unknown template {name}")
+        self.name = name
+
+    def turn_prompt(self, round_index: int, query: str, system: str | None) -> str:
+        if self.name == "chatglm":
+            head = f"{system}\n\n" if system and round_index == 1 else ""
+            return f"{head}[Round {round_index}]\n\n问：{query}\n\n答："
+        head = f"{system}\n" if system and round_index == 1 else ""
+        return f"{head}{query}\n"
+
+    def turn_separator(self) -> str:
+        return "\n\n" if self.name == "chatglm" else "\n"
+
+    def segments(self, conversation: Conversation) -> list[Segment]:
+        segments, pending = [], ""
+        for index, turn in enumerate(conversation.turns, start=1):
+            prompt = pending + self.turn_prompt(index, turn.query, conversation.system)
+            if turn.trains:
+                segments.append(Segment(prompt, turn.answer, True))
+                pending = self.turn_separator()
+            else:
+                pending = prompt + turn.answer + self.turn_separator()
+        return segments
+
+    def generation_prompt(self, conversation: Conversation) -> str:
+        """The text a model continues to answer the last turn."""
+        history = [Turn(t.query, t.answer, trains=False) for t in conversation.turns[:-1]]
+        folded = Conversation(history + [Turn(conversation.turns[-1].query, "")], conversation.system)
+        return "".join(s.prompt for s in self.segments(folded))
+
+
+class ChatTemplate(Template):
+    """The tokenizer's own chat template; segments are differences of successive renderings."""
+
+    answer_has_end_marker = True
+    prompt_has_bos = True
+
+    def __init__(self, tokenizer):
+        self.name = "chat"
+        self.tokenizer = tokenizer
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        if not messages:
+            return ""
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def segments(self, conversation: Conversation) -> list[Segment]:
+        messages = [{"role": "system", "content": conversation.system}] if conversation.system else []
+        segments, pending, rendered = [], "", self._render(messages, False)
+        for turn in conversation.turns:
+            messages.append({"role": "user", "content": turn.query})
+            with_prompt = self._render(messages, True)
+            messages.append({"role": "assistant", "content": turn.answer})
+            full = self._render(messages, False)
+            if not (with_prompt.startswith(rendered) and full.startswith(with_prompt)):
+                raise GlmtuneError("this tokenizer's chat template does not render turns incrementally; use --template chatglm")
+            prompt, answer = with_prompt[len(rendered):], full[len(with_prompt):]
+            if turn.trains:
+                segments.append(Segment(pending + prompt, answer, True))
+                pending = ""
+            else:
+                pending += prompt + answer
+            rendered = full
+        return segments
+
+    def generation_prompt(self, conversation: Conversation) -> str:
+        messages = [{"role": "system", "content": conversation.system}] if conversation.system else []
+        for turn in conversation.turns[:-1]:
+            messages += [{"role": "user", "content": turn.query}, {"role": "assistant", "content": turn.answer}]
+        messages.append({"role": "user", "content": conversation.turns[-1].query})
+        return self._render(messages, True)
+
+
+def get_template(name: str, tokenizer) -> Template:
+    """``auto`` picks the tokenizer's chat template when it has one, else ``chatglm``."""
+    has_chat_template = bool(getattr(tokenizer, "chat_template", None))
+    if name == "auto":
+        name = "chat" if has_chat_template else "chatglm"
+    if name == "chat":
+        if not has_chat_template:
+            raise GlmtuneError("--template chat: this tokenizer has no chat template")
+        return ChatTemplate(tokenizer)
+    return Template(name)

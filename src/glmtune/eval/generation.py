@@ -1,0 +1,160 @@
+"""Batched generation: left-padded, sorted by length, with the KV cache.
+
+Our own decoding loop rather than ``model.generate`` because the P-Tuning v2 prefix lives in the KV
+cache, which ``generate`` assumes belongs to tokens of ``input_ids``. Greedy and top-p sampling are
+handled here; beam search goes to ``generate`` for models without a prefix.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import DynamicCache
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+from glmtune.errors import GlmtuneError
+from glmtune.methods.ptuning import PrefixTuningModel, _cache_argument, prefix_positions
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    top_p: float = 0.7
+    temperature: float = 0.95
+    num_beams: int = 1
+    seed: int = 42
+
+
+def _innermost(model: nn.Module) -> nn.Module:
+    while hasattr(model, "get_base_model") or isinstance(model, PrefixTuningModel):
+        model = model.base_model if isinstance(model, PrefixTuningModel) else model.get_base_model()
+    return model
+
+
+def stop_token_ids(model: nn.Module, tokenizer) -> list[int]:
+    """EOS of the tokenizer plus any the model's generation config lists (e.g. Gemma's <end_of_turn>)."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(_innermost(model), "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return sorted(i for i in ids if i is not None)
+
+
+def left_pad(prompts: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), length), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, length - len(prompt) :] = torch.tensor(prompt)
+        attention_mask[row, length - len(prompt) :] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def _pick(logits: torch.Tensor, settings: GenerationSettings, generator: torch.Generator | None) -> torch.Tensor:
+    if not settings.do_sample:
+        return logits.argmax(-1)
+    scores = TemperatureLogitsWarper(settings.temperature)(None, logits)
+    scores = TopPLogitsWarper(settings.top_p)(None, scores)
+    probabilities = torch.softmax(scores, dim=-1)
+    return torch.multinomial(probabilities.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+@torch.no_grad()
+def generate_batch(
+    model: nn.Module, prompts: list[list[int]], pad_token_id: int, stop_ids: list[int], settings: GenerationSettings,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """New token ids for each prompt, cut before the first stop token."""
+    device = next(model.parameters()).device
+    input_ids, attention_mask = left_pad(prompts, pad_token_id, device)
+    if settings.num_beams > 1:
+        return _beam_search(model, input_ids, attention_mask, pad_token_id, stop_ids, settings)
+    prefix_model = model if isinstance(model, PrefixTuningModel) else None
+    runner = prefix_model.base_model if prefix_model else model
+    cache = prefix_model.prefix_cache(len(prompts), for_generation=True) if prefix_model else DynamicCache()
+    full_mask = prefix_model.extend_mask(attention_mask) if prefix_model else attention_mask
+    positions = prefix_positions(attention_mask)
+    stop = torch.tensor(stop_ids, device=device)
+    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    cache_kwargs = {_cache_argument(_innermost(model)): cache}
+    step_input, new_tokens = input_ids, []
+    for _ in range(settings.max_new_tokens):
+        logits = runner(
+            input_ids=step_input, attention_mask=full_mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+            **cache_kwargs,
+        ).logits[:, -1, :].float()
+        token = _pick(logits, settings, generator)
+        token = torch.where(finished, torch.full_like(token, pad_token_id), token)
+        new_tokens.append(token)
+        finished |= torch.isin(token, stop)
+        if finished.all():
+            break
+        step_input = token[:, None]
+        full_mask = torch.cat([full_mask, full_mask.new_ones(len(prompts), 1)], dim=1)
+        positions = positions[:, -1:] + 1
+    return _cut_at_stop(torch.stack(new_tokens, dim=1).tolist(), stop_ids)
+
+
+def _beam_search(model, input_ids, attention_mask, pad_token_id, stop_ids, settings) -> list[list[int]]:
+    if isinstance(model, PrefixTuningModel):
+        raise GlmtuneError("--num_beams > 1 is not supported with P-Tuning v2; use greedy or sampling")
+    output = model.generate(
+        input_ids=input_ids, attention_mask=attention_mask, num_beams=settings.num_beams,
+        max_new_tokens=settings.max_new_tokens, do_sample=False, pad_token_id=pad_token_id, eos_token_id=stop_ids,
+    )
+    return _cut_at_stop(output[:, input_ids.shape[1] :].tolist(), stop_ids)
+
+
+def _cut_at_stop(rows: list[list[int]], stop_ids: list[int]) -> list[list[int]]:
+    stops = set(stop_ids)
+    result = []
+    for row in rows:
+        end = next((i for i, token in enumerate(row) if token in stops), len(row))
+        result.append(row[:end])
+    return result
+
+
+def auto_batch_size(model: nn.Module, prompt_length: int, max_new_tokens: int) -> int:
+    """A batch size that fits: the KV cache and last-step logits per sample against half the free memory."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return 8
+    from glmtune.models.introspect import attention_shape, text_config
+
+    layers, kv_heads, head_dim, hidden = attention_shape(_innermost(model))
+    element = next(model.parameters()).element_size()
+    tokens = prompt_length + max_new_tokens
+    per_sample = 2 * layers * kv_heads * head_dim * element * tokens + 8 * text_config(_innermost(model)).vocab_size
+    per_sample += 16 * hidden * prompt_length * element  # prefill activations
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(max(1, min(512, free * 0.5 // per_sample)))
+
+
+def generate_texts(
+    model: nn.Module, tokenizer, prompts: list[list[int]], settings: GenerationSettings,
+    batch_size: int | None = None, show_progress: bool = True,
+) -> tuple[list[str], float]:
+    """Decoded answers in prompt order, and the wall time. Prompts are batched longest first."""
+    model.eval()
+    from glmtune.data.preprocess import pad_id
+
+    if batch_size is None:
+        batch_size = auto_batch_size(model, max(len(p) for p in prompts), settings.max_new_tokens)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    stops = stop_token_ids(model, tokenizer)
+    generator = torch.Generator().manual_seed(settings.seed)
+    answers: list[str] = [""] * len(prompts)
+    started = time.perf_counter()
+    with tqdm(total=len(prompts), desc="generating", unit="sample", disable=not show_progress) as progress:
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            outputs = generate_batch(model, [prompts[i] for i in batch], pad_id(tokenizer), stops, settings, generator)
+            for index, tokens in zip(batch, outputs):
+                answers[index] = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            progress.update(len(batch))
+            progress.set_postfix(samples_per_s=f"{progress.n / (time.perf_counter() - started):.2f}")
+    return answers, time.perf_counter() - started

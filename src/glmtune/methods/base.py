@@ -1,0 +1,55 @@
+"""The one interface every fine-tuning method implements: apply, trainable parameters, save, restore."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from glmtune.config import GlmtuneConfig
+
+TRAINABLE_FILE = "trainable_params.safetensors"
+
+
+class Method:
+    """A fine-tuning method. Subclasses set ``name`` and override ``apply``; saving defaults to the trained tensors."""
+
+    name = ""
+
+    def apply(self, model: nn.Module, config: GlmtuneConfig) -> nn.Module:
+        """Prepare ``model`` for training: add adapters, set ``requires_grad``. Returns the model to train."""
+        raise NotImplementedError
+
+    def trainable_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+    def save(self, model: nn.Module, directory: Path) -> None:
+        """Write only what this method trains."""
+        state = {name: p.detach().contiguous().cpu() for name, p in self.trainable_parameters(model).items()}
+        save_file(state, str(Path(directory) / TRAINABLE_FILE))
+
+    def restore(self, model: nn.Module, directory: Path) -> None:
+        """Load saved trained tensors into a model that ``apply`` has prepared."""
+        state = load_file(str(Path(directory) / TRAINABLE_FILE))
+        parameters = dict(model.named_parameters())
+        unknown = set(state) - set(parameters)
+        if unknown:
+            raise ValueError(f"{directory}: tensors not in this model: {sorted(unknown)[:3]}")
+        with torch.no_grad():
+            for name, tensor in state.items():
+                parameters[name].copy_(tensor)
+
+    def load(self, model: nn.Module, directory: Path, config: GlmtuneConfig) -> nn.Module:
+        """The base ``model`` with the trained tensors from ``directory``, ready for inference."""
+        model = self.apply(model, config)
+        self.restore(model, directory)
+        return model.eval()
+
+
+def upcast_trainable(model: nn.Module) -> None:
+    """Trainable tensors in float32, so AdamW updates are not lost to bf16 rounding; autocast handles the mix."""
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.dtype != torch.float32:
+            parameter.data = parameter.data.float()

@@ -1,0 +1,40 @@
+"""Full fine-tuning: every parameter trains; saves a complete transformers folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from safetensors.torch import load_file
+from torch import nn
+
+from glmtune.config import GlmtuneConfig
+from glmtune.methods.base import Method, upcast_trainable
+
+
+class FullMethod(Method):
+    name = "full"
+
+    def apply(self, model: nn.Module, config: GlmtuneConfig) -> nn.Module:
+        model.requires_grad_(True)
+        upcast_trainable(model)
+        return model
+
+    def save(self, model: nn.Module, directory: Path) -> None:
+        model.save_pretrained(str(directory))
+
+    def restore(self, model: nn.Module, directory: Path) -> None:
+        directory = Path(directory)
+        files = sorted(directory.glob("*.safetensors"))
+        if not files:
+            raise ValueError(f"{directory}: no safetensors weights")
+        state = {}
+        for file in files:
+            state.update(load_file(str(file)))
+        # Tied weights (e.g. an lm_head tied to the embeddings) are saved once; the rest must all be there.
+        result = model.load_state_dict(state, strict=False)
+        if result.unexpected_keys:
+            raise ValueError(f"{directory}: tensors not in this model: {result.unexpected_keys[:3]}")
+
+    def load(self, model: nn.Module, directory: Path, config: GlmtuneConfig) -> nn.Module:
+        self.restore(model, directory)
+        return model.eval()

@@ -1,0 +1,153 @@
+"""P-Tuning v2 for any transformers decoder: a prefix encoder gives every layer past keys and values.
+
+Written here instead of using PEFT's prefix tuning because PEFT's (on transformers 5.x) refuses
+gradient checkpointing and its ``generate`` silently ignores the prefix. The prefix enters through
+the model's KV cache, so grouped-query attention (fewer KV heads) works as-is. During training the
+cache is read-only (``_PrefixLayer.update`` does not store), so a checkpointed layer can be replayed
+in backward and still see the same keys and values.
+
+ChatGLM models use their own native encoder (``transformer.prefix_encoder``), as the originals do.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from glmtune.config import GlmtuneConfig
+from glmtune.methods.base import Method
+from glmtune.models.introspect import attention_shape
+
+PREFIX_FILE = "prefix_encoder.safetensors"
+
+
+class PrefixEncoder(nn.Module):
+    """ChatGLM's prefix encoder: an embedding of ``pre_seq_len`` rows, optionally through Linear-tanh-Linear."""
+
+    def __init__(self, pre_seq_len: int, kv_size: int, hidden_size: int, projection: bool, projection_hidden: int):
+        super().__init__()
+        self.projection = projection
+        if projection:
+            self.embedding = nn.Embedding(pre_seq_len, hidden_size)
+            self.trans = nn.Sequential(nn.Linear(hidden_size, projection_hidden), nn.Tanh(), nn.Linear(projection_hidden, kv_size))
+        else:
+            self.embedding = nn.Embedding(pre_seq_len, kv_size)
+
+    def forward(self, prefix_tokens: torch.Tensor) -> torch.Tensor:
+        embedded = self.embedding(prefix_tokens)
+        return self.trans(embedded) if self.projection else embedded
+
+
+class _PrefixLayer(DynamicLayer):
+    """A cache layer that prepends fixed prefix keys/values and stores nothing new."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.keys, self.values = keys, values
+        self.device = keys.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+
+def _cache_argument(model: nn.Module) -> str:
+    """transformers 5.24 renamed ``past_key_values`` to ``cache``; 5.17 (our GPU machine) has the old name."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def prefix_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that ignore both the prefix and left padding, as ChatGLM's P-Tuning v2 does."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class PrefixTuningModel(nn.Module):
+    """A frozen causal LM plus a trainable prefix encoder."""
+
+    def __init__(self, base_model: nn.Module, pre_seq_len: int, projection: bool, projection_hidden: int | None):
+        super().__init__()
+        self.base_model = base_model
+        self.config = base_model.config
+        self.pre_seq_len = pre_seq_len
+        self.num_layers, self.kv_heads, self.head_dim, hidden = attention_shape(base_model)
+        kv_size = self.num_layers * 2 * self.kv_heads * self.head_dim
+        self.prefix_encoder = PrefixEncoder(pre_seq_len, kv_size, hidden, projection, projection_hidden or hidden)
+        self.register_buffer("prefix_tokens", torch.arange(pre_seq_len), persistent=False)
+        self.cache_argument = _cache_argument(base_model)
+
+    @property
+    def device(self) -> torch.device:
+        return self.prefix_tokens.device
+
+    def prefix_key_values(self, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (keys, values), each ``[batch, kv_heads, pre_seq_len, head_dim]``."""
+        prefix = self.prefix_encoder(self.prefix_tokens)
+        dtype = next(self.base_model.parameters()).dtype
+        prefix = prefix.to(dtype).view(self.pre_seq_len, self.num_layers * 2, self.kv_heads, self.head_dim)
+        prefix = prefix.permute(1, 2, 0, 3).unsqueeze(1).expand(-1, batch_size, -1, -1, -1)
+        return [(prefix[2 * i], prefix[2 * i + 1]) for i in range(self.num_layers)]
+
+    def prefix_cache(self, batch_size: int, for_generation: bool = False) -> DynamicCache:
+        """The prefix as a KV cache: read-only for training, a normal growing cache for generation."""
+        cache = DynamicCache()
+        key_values = self.prefix_key_values(batch_size)
+        if for_generation:
+            for index, (keys, values) in enumerate(key_values):
+                cache.update(keys.contiguous(), values.contiguous(), index)
+        else:
+            cache.layers = [_PrefixLayer(keys, values) for keys, values in key_values]
+        return cache
+
+    def extend_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        ones = attention_mask.new_ones(attention_mask.shape[0], self.pre_seq_len)
+        return torch.cat([ones, attention_mask], dim=1)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, labels=None, use_cache=False, **kwargs):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        kwargs[self.cache_argument] = self.prefix_cache(input_ids.shape[0])
+        return self.base_model(
+            input_ids=input_ids,
+            attention_mask=self.extend_mask(attention_mask),
+            position_ids=prefix_positions(attention_mask),
+            labels=labels,
+            use_cache=False,
+            **kwargs,
+        )
+
+
+class PTuningMethod(Method):
+    name = "ptuning"
+
+    def apply(self, model: nn.Module, config: GlmtuneConfig) -> nn.Module:
+        model.requires_grad_(False)
+        if getattr(model.config, "model_type", None) == "chatglm":
+            from glmtune.models.chatglm import enable_ptuning
+
+            enable_ptuning(model, config.pre_seq_len, config.prefix_projection, config.prefix_hidden_size)
+            return model
+        wrapped = PrefixTuningModel(model, config.pre_seq_len, config.prefix_projection, config.prefix_hidden_size)
+        return wrapped.to(model.device)
+
+    def trainable_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in model.named_parameters() if "prefix_encoder." in n and p.requires_grad}
+
+    def save(self, model: nn.Module, directory: Path) -> None:
+        state = {n: p.detach().contiguous().cpu() for n, p in self.trainable_parameters(model).items()}
+        save_file(state, str(Path(directory) / PREFIX_FILE))
+
+    def restore(self, model: nn.Module, directory: Path) -> None:
+        state = load_file(str(Path(directory) / PREFIX_FILE))
+        parameters = self.trainable_parameters(model)
+        if set(state) != set(parameters):
+            raise ValueError(f"{directory}: prefix encoder does not match (--pre_seq_len/--prefix_projection?)")
+        with torch.no_grad():
+            for name, tensor in state.items():
+                parameters[name].copy_(tensor)

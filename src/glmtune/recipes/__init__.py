@@ -1,0 +1,1 @@
+"""Recipes: whole jobs (train, predict, compare, demo) composed from the reusable components."""

@@ -1,0 +1,89 @@
+"""Steps shared by the recipes: model, tokenizer, template and data from one config."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from glmtune.config import GlmtuneConfig
+from glmtune.data.formats import Conversation, FormatOptions, read_conversations
+from glmtune.data.preprocess import Example, build_examples, build_prompts
+from glmtune.data.templates import Template, get_template
+from glmtune.errors import GlmtuneError
+from glmtune.methods import get_method
+from glmtune.models.loading import load_model, load_tokenizer, resolve_model_source
+from glmtune.train.checkpoint import read_run_record
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelBundle:
+    model: nn.Module
+    tokenizer: object
+    template: Template
+    base_model: str | None  # what the user named (None: the bundled default)
+
+
+def format_options(config: GlmtuneConfig, require_response: bool = True) -> FormatOptions:
+    return FormatOptions(
+        dataset_format=config.dataset_format, prompt_column=config.prompt_column,
+        response_column=config.response_column, history_column=config.history_column,
+        train_on=config.train_on, require_response=require_response,
+    )
+
+
+def read_data(path: str | None, config: GlmtuneConfig, limit: int | None, require_response: bool = True) -> list[Conversation]:
+    if not path:
+        raise GlmtuneError("no data file given")
+    conversations = read_conversations(path, format_options(config, require_response), config.skip_bad_records)
+    return conversations[:limit] if limit else conversations
+
+
+def load_base(config: GlmtuneConfig, base_model: str | None) -> ModelBundle:
+    source = resolve_model_source(base_model)
+    tokenizer = load_tokenizer(source)
+    model = load_model(source, dtype=config.torch_dtype, quantization_bit=config.quantization_bit)
+    return ModelBundle(model, tokenizer, get_template(config.template, tokenizer), base_model)
+
+
+def training_examples(bundle: ModelBundle, conversations: list[Conversation], config: GlmtuneConfig) -> list[Example]:
+    return build_examples(conversations, bundle.tokenizer, bundle.template, config.max_source_length, config.max_target_length)
+
+
+def prompts_for(bundle: ModelBundle, conversations: list[Conversation], config: GlmtuneConfig) -> list[list[int]]:
+    return build_prompts(conversations, bundle.tokenizer, bundle.template, config.max_source_length)
+
+
+def trained_weights_folder(config: GlmtuneConfig) -> Path | None:
+    """Where trained weights come from: --adapter_name_or_path, --ptuning_checkpoint, or a glmtune folder as the model."""
+    for candidate in (config.adapter_name_or_path, config.ptuning_checkpoint, config.model_name_or_path):
+        if candidate and read_run_record(candidate):
+            return Path(candidate)
+    if config.adapter_name_or_path or config.ptuning_checkpoint:
+        raise GlmtuneError(f"{config.adapter_name_or_path or config.ptuning_checkpoint}: not a glmtune output (no glmtune.json)")
+    return None
+
+
+def load_for_inference(config: GlmtuneConfig) -> ModelBundle:
+    """The base model, with trained weights on top when the config names a glmtune output or checkpoint."""
+    folder = trained_weights_folder(config)
+    if folder is None:
+        return load_base(config, config.model_name_or_path)
+    record = read_run_record(folder)
+    trained_config = GlmtuneConfig(**{**record["config"], "output_dir": str(folder)})
+    named_base = config.model_name_or_path and Path(config.model_name_or_path) != folder
+    base = config.model_name_or_path if named_base else record.get("base_model")
+    method = get_method(record["finetuning_type"])
+    if method.name == "full":
+        bundle = load_base(config, str(folder))
+    else:
+        bundle = load_base(config, base)
+        bundle.model = method.load(bundle.model, folder, trained_config)
+    bundle.template = get_template(trained_config.template, bundle.tokenizer)
+    bundle.base_model = base
+    logger.info("loaded %s weights from %s", method.name, folder)
+    return bundle

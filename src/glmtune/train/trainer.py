@@ -1,0 +1,249 @@
+"""The training loop.
+
+A lean loop of our own rather than HF Trainer: it lets a checkpoint hold only what the method
+trains (Trainer saves whole models for custom wrappers), writes checkpoints atomically, resumes with
+bit-identical losses from a stateless data order, and keeps the fast paths (packing, fused losses)
+in plain sight.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.utils.checkpoint
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import get_scheduler, set_seed
+
+from glmtune.config import GlmtuneConfig
+from glmtune.data.preprocess import Example, collate, pad_id
+from glmtune.errors import GlmtuneError
+from glmtune.methods import Method
+from glmtune.models.introspect import decoder_layers, parameter_dtype
+from glmtune.train.checkpoint import (
+    resolve_resume,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    write_run_record,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    losses: list[float] = field(default_factory=list)  # one per optimizer step
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)
+    train_seconds: float = 0.0
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each transformer block in backward (non-reentrant ``torch.utils.checkpoint``).
+
+    Ours rather than ``model.gradient_checkpointing_enable()``: transformers drops the KV cache inside
+    checkpointed layers, which would drop the P-Tuning v2 prefix. One mechanism serves every method.
+    """
+    for layer in decoder_layers(model):
+        forward = layer.forward
+
+        def checkpointed(*args, _forward=forward, **kwargs):
+            if torch.is_grad_enabled():
+                return torch.utils.checkpoint.checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+            return _forward(*args, **kwargs)
+
+        layer.forward = checkpointed
+
+
+def batch_indices(step_micro_index: int, dataset_size: int, batch_size: int, seed: int) -> list[int]:
+    """Example indices of one micro-batch, from its global index alone: each epoch is a seeded shuffle.
+
+    Being stateless, the data order after a resume is the one an uninterrupted run would see.
+    """
+    batches_per_epoch = math.ceil(dataset_size / batch_size)
+    epoch, position = divmod(step_micro_index, batches_per_epoch)
+    order = torch.randperm(dataset_size, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    return order[position * batch_size : (position + 1) * batch_size]
+
+
+def total_steps(config: GlmtuneConfig, dataset_size: int) -> int:
+    if config.max_steps and config.max_steps > 0:
+        return config.max_steps
+    micro_per_epoch = math.ceil(dataset_size / config.per_device_train_batch_size)
+    return max(1, math.ceil(config.num_train_epochs * micro_per_epoch / config.gradient_accumulation_steps))
+
+
+def compute_dtype(model: nn.Module, config: GlmtuneConfig) -> torch.dtype:
+    """Autocast dtype: the flags', else the base weights' when they are half precision."""
+    if config.bf16:
+        return torch.bfloat16
+    if config.fp16:
+        return torch.float16
+    return parameter_dtype(model)
+
+
+def check_output_dir(config: GlmtuneConfig) -> Path:
+    output_dir = Path(config.output_dir)
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not (config.overwrite_output_dir or config.resume_from_checkpoint):
+        raise GlmtuneError(f"--output_dir {output_dir} is not empty; pass --overwrite_output_dir or choose another")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return output_dir
+
+
+class _Loggers:
+    """Loss to ``train_log.jsonl`` and, when installed, TensorBoard."""
+
+    def __init__(self, output_dir: Path, report_to: str, append: bool):
+        self.jsonl = open(output_dir / "train_log.jsonl", "a" if append else "w", encoding="utf-8")
+        self.tensorboard = None
+        if report_to == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tensorboard = SummaryWriter(str(output_dir / "runs"))
+            except ImportError:
+                logger.info("tensorboard is not installed; logging to train_log.jsonl only")
+
+    def log(self, step: int, values: dict) -> None:
+        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self.jsonl.flush()
+        if self.tensorboard:
+            for key, value in values.items():
+                self.tensorboard.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self.jsonl.close()
+        if self.tensorboard:
+            self.tensorboard.close()
+
+
+def _loss(model: nn.Module, batch: dict, autocast: torch.autocast) -> torch.Tensor:
+    with autocast:
+        # No KV cache in training: a checkpointed layer would append to it again when replayed.
+        outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"], use_cache=False)
+        return outputs.loss.float()
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, examples: list[Example], batch_size: int, padding: int, autocast) -> float:
+    """Token-weighted mean loss over ``examples``."""
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    device = next(model.parameters()).device
+    for start in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size], padding).items()}
+        count = int((batch["labels"][:, 1:] != -100).sum())
+        total += _loss(model, batch, autocast).item() * count
+        tokens += count
+    model.train(was_training)
+    return total / max(tokens, 1)
+
+
+def train(
+    model: nn.Module, tokenizer, method: Method, config: GlmtuneConfig, train_examples: list[Example],
+    eval_examples: list[Example] | None = None, run_record: dict | None = None,
+) -> TrainResult:
+    """Train ``model`` (already prepared by ``method.apply``) and save the result in ``config.output_dir``."""
+    output_dir = check_output_dir(config)
+    device = next(model.parameters()).device
+    dtype = compute_dtype(model, config)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16 and device.type == "cuda")
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+
+    parameters = list(method.trainable_parameters(model).values())
+    if not parameters:
+        raise GlmtuneError("the method left no trainable parameters")
+    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+    steps = total_steps(config, len(train_examples))
+    scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=steps)
+    record = {**(run_record or {}), "finetuning_type": method.name, "config": config.to_dict()}
+
+    start_step = 0
+    if config.resume_from_checkpoint:
+        checkpoint = resolve_resume(output_dir, config.resume_from_checkpoint)
+        method.restore(model, checkpoint)
+        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location=device, weights_only=False))
+        scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=False))
+        set_rng_state(torch.load(checkpoint / "rng_state.pt", weights_only=False))
+        start_step = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
+        logger.info("resuming from %s at step %d", checkpoint, start_step)
+    else:
+        set_seed(config.seed)
+
+    def write_checkpoint(folder: Path, step: int) -> None:
+        method.save(model, folder)
+        torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+        torch.save(scheduler.state_dict(), folder / "scheduler.pt")
+        torch.save(rng_state(), folder / "rng_state.pt")
+        (folder / "trainer_state.json").write_text(json.dumps({"step": step, "max_steps": steps}))
+        write_run_record(folder, record)
+
+    loggers = _Loggers(output_dir, config.report_to, append=start_step > 0)
+    padding = pad_id(tokenizer)
+    eval_every = config.eval_steps or config.save_steps
+    result = TrainResult(output_dir, steps)
+    model.train()
+    started = time.perf_counter()
+    window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+    progress = tqdm(total=steps, initial=start_step, desc="training", unit="step")
+    try:
+        for step in range(start_step + 1, steps + 1):
+            step_loss = 0.0
+            for micro in range(config.gradient_accumulation_steps):
+                micro_index = (step - 1) * config.gradient_accumulation_steps + micro
+                indices = batch_indices(micro_index, len(train_examples), config.per_device_train_batch_size, config.seed)
+                batch = {k: v.to(device) for k, v in collate([train_examples[i] for i in indices], padding).items()}
+                loss = _loss(model, batch, autocast)
+                if not torch.isfinite(loss):
+                    raise GlmtuneError(f"loss is {loss.item()} at step {step}; stopping (try a lower --learning_rate)")
+                scaler.scale(loss / config.gradient_accumulation_steps).backward()
+                step_loss += loss.item() / config.gradient_accumulation_steps
+                window_tokens += int(batch["attention_mask"].sum())
+            if config.max_grad_norm:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            result.losses.append(step_loss)
+            window_loss += step_loss
+            tokens_per_second = window_tokens / max(time.perf_counter() - window_start, 1e-9)
+            progress.update(1)
+            progress.set_postfix(loss=f"{step_loss:.4f}", tokens_per_s=f"{tokens_per_second:.0f}")
+            if step % config.logging_steps == 0 or step == steps:
+                interval = step % config.logging_steps or config.logging_steps
+                loggers.log(step, {"loss": window_loss / interval, "learning_rate": scheduler.get_last_lr()[0],
+                                   "tokens_per_s": tokens_per_second})
+                window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+            if config.do_eval and eval_examples and eval_every and step % eval_every == 0:
+                eval_loss = evaluate_loss(model, eval_examples, config.per_device_eval_batch_size or 8, padding, autocast)
+                result.eval_losses.append((step, eval_loss))
+                loggers.log(step, {"eval_loss": eval_loss})
+                progress.write(f"step {step}: eval_loss {eval_loss:.4f}")
+            if config.save_steps and step % config.save_steps == 0:
+                save_checkpoint(output_dir, step, lambda folder: write_checkpoint(folder, step), config.save_total_limit)
+    finally:
+        progress.close()
+        loggers.close()
+    result.train_seconds = time.perf_counter() - started
+    method.save(model, output_dir)
+    write_run_record(output_dir, {**record, "steps": steps})
+    if method.name == "full":
+        tokenizer.save_pretrained(str(output_dir))
+    (output_dir / "train_results.json").write_text(json.dumps({
+        "steps": steps, "final_loss": result.losses[-1] if result.losses else None,
+        "train_runtime": result.train_seconds, "eval_losses": result.eval_losses,
+    }, indent=2))
+    return result

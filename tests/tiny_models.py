@@ -1,0 +1,54 @@
+"""Tiny random models and a character tokenizer, built from a config in seconds, for CPU tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_TRAIN = REPO / "examples" / "data" / "demo_train.jsonl"
+SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
+
+
+def build_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
+    """One token per character, with BOS added in front like Llama and Gemma tokenizers."""
+    characters = sorted({c for text in texts for c in text} | set("abcdefghijklmnopqrstuvwxyz0123456789 \n[]#*：，。"))
+    vocab = {token: i for i, token in enumerate(SPECIALS + characters)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def corpus_texts() -> list[str]:
+    records = [json.loads(line) for line in DEMO_TRAIN.read_text(encoding="utf-8").splitlines()]
+    return [r["content"] + r["summary"] for r in records] + ["问答轮"]
+
+
+def build_model_folder(folder: Path, architecture: str, seed: int = 0) -> Path:
+    """``llama`` (grouped-query attention) or ``gemma`` (Gemma 3: one KV head, sliding-window layers)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tokenizer(corpus_texts())
+    common = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(seed)
+    if architecture == "llama":
+        model = LlamaForCausalLM(LlamaConfig(num_key_value_heads=2, **common))
+    elif architecture == "gemma":
+        config = Gemma3TextConfig(num_key_value_heads=1, head_dim=16, sliding_window=64,
+                                  layer_types=["sliding_attention", "full_attention"], **common)
+        model = Gemma3ForCausalLM(config)
+    else:
+        raise ValueError(architecture)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
