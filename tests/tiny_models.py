@@ -10,7 +10,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, proce
 from transformers import PreTrainedTokenizerFast
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO_TRAIN = REPO / "examples" / "data" / "demo_train.jsonl"
+DEMO_TRAIN = REPO / "src" / "glmtune" / "demo_data" / "demo_train.jsonl"
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
 
 
@@ -29,7 +29,7 @@ def build_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
 
 def corpus_texts() -> list[str]:
     records = [json.loads(line) for line in DEMO_TRAIN.read_text(encoding="utf-8").splitlines()]
-    return [r["content"] + r["summary"] for r in records] + ["问答轮"]
+    return [r["content"] + r["summary"] for r in records] + ["一二三问答轮你是助手翻译"]
 
 
 def build_model_folder(folder: Path, architecture: str, seed: int = 0) -> Path:

@@ -1,7 +1,7 @@
 """Make the bundled demo dataset: ADGEN-style attribute strings -> ad copy, written by rules here.
 
 Every record is generated from the phrase tables below (no text is taken from ADGEN itself), so the
-sample is ours to ship. Run: python examples/data/make_demo_data.py  (writes demo_train/dev.jsonl).
+sample is ours to ship. Run: python examples/data/make_demo_data.py  (writes src/glmtune/demo_data/demo_{train,dev}.jsonl).
 """
 
 import json
@@ -65,7 +65,7 @@ def make_record(rng: random.Random) -> dict:
 
 def main() -> None:
     rng = random.Random(2026)
-    here = Path(__file__).parent
+    here = Path(__file__).resolve().parents[2] / "src" / "glmtune" / "demo_data"
     for name, count in (("demo_train.jsonl", 400), ("demo_dev.jsonl", 40)):
         with open(here / name, "w", encoding="utf-8") as out:
             for _ in range(count):

@@ -50,7 +50,7 @@ def main(ctx: typer.Context) -> None:
 
 @app.command()
 def demo(
-    steps: int = typer.Option(60, help="Training steps (CPU: a few seconds each)."),
+    steps: int = typer.Option(30, help="Training steps (CPU: a few seconds each)."),
     output_dir: str = typer.Option("output/demo", help="Where the demo run goes."),
 ) -> None:
     """Fine-tune the bundled model on the bundled sample, then print answers before and after."""

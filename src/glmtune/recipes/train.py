@@ -41,5 +41,6 @@ def run_train(config: GlmtuneConfig) -> TrainResult:
         base_model = str(Path(base_model).resolve())
     record = {"base_model": base_model, "template": bundle.template.name}
     result = train(model, bundle.tokenizer, method, config, train_examples, eval_examples, record)
-    console.print(f"[bold cyan]glmtune[/]: saved to {result.output_dir} (final loss {result.losses[-1]:.4f})")
+    final = f" (final loss {result.losses[-1]:.4f})" if result.losses else " (nothing left to train)"
+    console.print(f"[bold cyan]glmtune[/]: saved to {result.output_dir}{final}")
     return result

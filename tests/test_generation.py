@@ -1,0 +1,42 @@
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from glmtune.config import GlmtuneConfig
+from glmtune.eval.generation import GenerationSettings, generate_batch, generate_texts
+from glmtune.methods import get_method
+
+
+def prompts_of(tokenizer):
+    texts = ["类型#上衣*颜色#白色", "类型#裙", "类型#裤*版型#宽松*风格#复古*图案#格子", "问"]
+    return [tokenizer(t)["input_ids"] for t in texts]
+
+
+@pytest.mark.parametrize("method", [None, "ptuning"])
+def test_batched_greedy_equals_unbatched(tiny_model, method):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    if method:
+        model = get_method(method).apply(model, GlmtuneConfig(pre_seq_len=3))
+        with torch.no_grad():
+            model.prefix_encoder.embedding.weight.normal_(0, 2)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    prompts = prompts_of(tokenizer)
+    settings = GenerationSettings(max_new_tokens=12)
+    stops = [tokenizer.eos_token_id]
+    batched = generate_batch(model.eval(), prompts, tokenizer.pad_token_id, stops, settings)
+    one_by_one = [generate_batch(model, [p], tokenizer.pad_token_id, stops, settings)[0] for p in prompts]
+    assert batched == one_by_one
+    assert any(len(tokens) > 0 for tokens in batched)
+
+
+def test_generate_texts_keeps_prompt_order_and_sampling_is_seeded(tiny_llama):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    prompts = prompts_of(tokenizer)
+    greedy, _ = generate_texts(model, tokenizer, prompts, GenerationSettings(max_new_tokens=5), batch_size=2, show_progress=False)
+    singles = [generate_texts(model, tokenizer, [p], GenerationSettings(max_new_tokens=5), show_progress=False)[0][0] for p in prompts]
+    assert greedy == singles
+    sampled = [generate_texts(model, tokenizer, prompts, GenerationSettings(max_new_tokens=5, do_sample=True, seed=3),
+                              batch_size=4, show_progress=False)[0] for _ in range(2)]
+    assert sampled[0] == sampled[1]

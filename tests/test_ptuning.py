@@ -1,0 +1,78 @@
+"""P-Tuning v2 on transformers decoders: prefix through the KV cache, gradient checkpointing, generation."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from glmtune.config import GlmtuneConfig
+from glmtune.eval.generation import GenerationSettings, generate_batch
+from glmtune.methods import get_method
+from glmtune.train.trainer import enable_gradient_checkpointing
+
+
+def prefixed_model(folder, projection: bool, seed: int = 0):
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    config = GlmtuneConfig(finetuning_type="ptuning", pre_seq_len=3, prefix_projection=projection, prefix_hidden_size=32)
+    return get_method("ptuning").apply(base, config)
+
+
+BATCH = dict(
+    input_ids=torch.tensor([[2, 10, 11, 12, 13, 14], [2, 20, 21, 22, 0, 0]]),
+    attention_mask=torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]]),
+    labels=torch.tensor([[-100, -100, 11, 12, 13, 14], [-100, -100, 21, 22, -100, -100]]),
+)
+
+
+@pytest.mark.parametrize("projection", [False, True])
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_model, projection):
+    gradients = []
+    for checkpointing in (False, True):
+        model = prefixed_model(tiny_model, projection)
+        model.train()
+        if checkpointing:
+            enable_gradient_checkpointing(model)
+        model(**BATCH, use_cache=False).loss.backward()
+        gradients.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert gradients[0].keys() == gradients[1].keys() and gradients[0]
+    for name in gradients[0]:
+        assert gradients[0][name].abs().sum() > 0, name
+        torch.testing.assert_close(gradients[0][name], gradients[1][name], atol=1e-6, rtol=1e-5)
+
+
+def test_only_the_prefix_encoder_trains(tiny_model):
+    model = prefixed_model(tiny_model, projection=True)
+    trainable = get_method("ptuning").trainable_parameters(model)
+    assert trainable and all(n.startswith("prefix_encoder.") for n in trainable)
+    assert all(not p.requires_grad for n, p in model.base_model.named_parameters())
+
+
+def test_prefix_changes_the_logits_and_generation_uses_it(tiny_model):
+    model = prefixed_model(tiny_model, projection=False).eval()
+    with torch.no_grad():
+        model.prefix_encoder.embedding.weight.normal_(0, 3)  # a strong prefix, so it must show
+        base_logits = model.base_model(input_ids=BATCH["input_ids"][:1]).logits
+        prefixed_logits = model(input_ids=BATCH["input_ids"][:1]).logits
+    assert not torch.allclose(base_logits, prefixed_logits, atol=1e-3)
+
+    # The first generated token is the argmax of the prefixed model's last logits, not the base's.
+    prompt = BATCH["input_ids"][0].tolist()
+    settings = GenerationSettings(max_new_tokens=1)
+    (prefixed_token,) = generate_batch(model, [prompt], 0, [], settings)
+    (base_token,) = generate_batch(model.base_model, [prompt], 0, [], settings)
+    assert prefixed_token == [int(prefixed_logits[0, -1].argmax())]
+    assert base_token == [int(base_logits[0, -1].argmax())]
+
+
+def test_cached_generation_matches_full_recompute_with_prefix(tiny_model):
+    """Decoding step by step through the prefix cache equals re-running the whole sequence each time."""
+    model = prefixed_model(tiny_model, projection=True).eval()
+    with torch.no_grad():
+        model.prefix_encoder.embedding.weight.normal_(0, 2)
+    prompt = [2, 10, 11, 12]
+    (generated,) = generate_batch(model, [prompt], 0, [], GenerationSettings(max_new_tokens=6))
+    sequence = list(prompt)
+    with torch.no_grad():
+        for _ in range(6):
+            sequence.append(int(model(input_ids=torch.tensor([sequence])).logits[0, -1].argmax()))
+    assert generated == sequence[len(prompt):]
