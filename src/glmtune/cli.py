@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 
 import typer
 
@@ -48,6 +49,30 @@ def main(ctx: typer.Context) -> None:
         run_predict(config)
 
 
+@app.command(context_settings=PASS_THROUGH)
+def predict(ctx: typer.Context) -> None:
+    """Generate for --test_file and score it: generated_predictions.txt and predict_results.json. --help lists flags."""
+    from glmtune.recipes.predict import run_predict
+
+    run_predict(_config(ctx, "predict"))
+
+
+@app.command(context_settings=PASS_THROUGH)
+def compare(ctx: typer.Context) -> None:
+    """glmtune compare OUTPUT... --test_file F: base vs tuned outputs on the same prompts -> compare.md/.html."""
+    from glmtune.config import parse_config
+    from glmtune.recipes.predict import run_compare
+
+    args = list(ctx.args)
+    tuned = []
+    while args and not args[0].startswith("-"):
+        tuned.append(args.pop(0))
+    if not tuned and "--help" not in args and "-h" not in args:
+        raise GlmtuneError("usage: glmtune compare OUTPUT [OUTPUT...] --test_file F [flags]")
+    sys.argv[0] = "glmtune compare OUTPUT..."
+    typer.echo(run_compare(parse_config(args), tuned))
+
+
 @app.command()
 def demo(
     steps: int = typer.Option(30, help="Training steps (CPU: a few seconds each)."),
@@ -60,7 +85,9 @@ def demo(
 
 
 def main_entry() -> None:
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    # peft calls a transformers 5.x method that transformers itself deprecated; nothing for users to act on.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    logging.basicConfig(format="glmtune: %(message)s", level=logging.WARNING)
     logging.getLogger("glmtune").setLevel(logging.INFO)
     try:
         app()

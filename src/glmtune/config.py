@@ -99,6 +99,9 @@ class GlmtuneConfig:
     logging_steps: int = _help("Log loss every N steps.", default=10)
     save_steps: int = _help("Write checkpoint-STEP/ every N steps (0: only at the end).", default=500)
     eval_steps: int | None = _help("With --do_eval: evaluate every N steps (default: --save_steps).", default=None)
+    eval_generate_samples: int = _help(
+        "With --do_eval: also generate for the first N validation records and log ROUGE/BLEU-4.", default=0
+    )
     save_total_limit: int | None = _help("Keep only the newest N checkpoints.", default=None)
     resume_from_checkpoint: str | None = _help("A checkpoint folder, or 'latest'.", default=None)
     fp16: bool = _help("Compute in float16 (autocast).", default=False)

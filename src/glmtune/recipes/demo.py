@@ -31,5 +31,5 @@ def run_demo(steps: int, output_dir: str, compare_examples: int = 4) -> str:
     console.print(f"[bold]glmtune demo[/]: LoRA on the bundled Gemma 3 270M, {steps} steps on {data / 'demo_train.jsonl'}")
     run_train(config)
     table = run_compare(config, [output_dir], names=["before", "after"])
-    console.print(table, markup=False, highlight=False)
+    print(table)  # plain print: rich would re-wrap the Chinese text at the terminal width
     return table

@@ -10,7 +10,8 @@ from transformers import set_seed
 from glmtune.config import GlmtuneConfig
 from glmtune.errors import GlmtuneError
 from glmtune.methods import get_method
-from glmtune.recipes.common import load_base, read_data, training_examples
+from glmtune.data.formats import Conversation
+from glmtune.recipes.common import ModelBundle, load_base, prompts_for, read_data, training_examples
 from glmtune.train.trainer import TrainResult, check_output_dir, train
 
 console = Console(stderr=True)
@@ -21,13 +22,14 @@ def run_train(config: GlmtuneConfig) -> TrainResult:
         raise GlmtuneError("--train_file is required for training")
     check_output_dir(config)
     set_seed(config.seed)
+    if config.do_eval and not config.validation_file:
+        raise GlmtuneError("--do_eval needs --validation_file")
+    # Data first: a bad record should fail in a second, not after the model has loaded.
+    train_conversations = read_data(config.train_file, config, config.max_train_samples)
+    eval_conversations = read_data(config.validation_file, config, config.max_eval_samples) if config.do_eval else None
     bundle = load_base(config, config.model_name_or_path)
-    train_examples = training_examples(bundle, read_data(config.train_file, config, config.max_train_samples), config)
-    eval_examples = None
-    if config.do_eval:
-        if not config.validation_file:
-            raise GlmtuneError("--do_eval needs --validation_file")
-        eval_examples = training_examples(bundle, read_data(config.validation_file, config, config.max_eval_samples), config)
+    train_examples = training_examples(bundle, train_conversations, config)
+    eval_examples = training_examples(bundle, eval_conversations, config) if eval_conversations else None
     method = get_method(config.finetuning_type)
     model = method.apply(bundle.model, config)
     trainable = sum(p.numel() for p in method.trainable_parameters(model).values())
@@ -40,7 +42,26 @@ def run_train(config: GlmtuneConfig) -> TrainResult:
     if base_model and Path(base_model).exists():
         base_model = str(Path(base_model).resolve())
     record = {"base_model": base_model, "template": bundle.template.name}
-    result = train(model, bundle.tokenizer, method, config, train_examples, eval_examples, record)
+    generation_metrics = None
+    if eval_conversations and config.eval_generate_samples:
+        generation_metrics = _generation_metrics(bundle, eval_conversations[: config.eval_generate_samples], config)
+    result = train(model, bundle.tokenizer, method, config, train_examples, eval_examples, record, generation_metrics)
     final = f" (final loss {result.losses[-1]:.4f})" if result.losses else " (nothing left to train)"
     console.print(f"[bold cyan]glmtune[/]: saved to {result.output_dir}{final}")
     return result
+
+
+def _generation_metrics(bundle: ModelBundle, conversations: list[Conversation], config: GlmtuneConfig):
+    from glmtune.eval.generation import generate_texts
+    from glmtune.eval.metrics import compute_metrics
+    from glmtune.recipes.predict import generation_settings
+
+    prompts = prompts_for(bundle, conversations, config)
+    labels = [c.turns[-1].answer for c in conversations]
+
+    def measure(model) -> dict[str, float]:
+        predictions, _ = generate_texts(model, bundle.tokenizer, prompts, generation_settings(config),
+                                        config.per_device_eval_batch_size, show_progress=False)
+        return compute_metrics(predictions, labels)
+
+    return measure

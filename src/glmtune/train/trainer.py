@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -151,8 +152,12 @@ def evaluate_loss(model: nn.Module, examples: list[Example], batch_size: int, pa
 def train(
     model: nn.Module, tokenizer, method: Method, config: GlmtuneConfig, train_examples: list[Example],
     eval_examples: list[Example] | None = None, run_record: dict | None = None,
+    generation_metrics: Callable[[nn.Module], dict[str, float]] | None = None,
 ) -> TrainResult:
-    """Train ``model`` (already prepared by ``method.apply``) and save the result in ``config.output_dir``."""
+    """Train ``model`` (already prepared by ``method.apply``) and save the result in ``config.output_dir``.
+
+    ``generation_metrics(model)``, when given, runs at each evaluation next to the validation loss.
+    """
     output_dir = check_output_dir(config)
     device = next(model.parameters()).device
     dtype = compute_dtype(model, config)
@@ -230,8 +235,13 @@ def train(
             if config.do_eval and eval_examples and eval_every and step % eval_every == 0:
                 eval_loss = evaluate_loss(model, eval_examples, config.per_device_eval_batch_size or 8, padding, autocast)
                 result.eval_losses.append((step, eval_loss))
-                loggers.log(step, {"eval_loss": eval_loss})
-                progress.write(f"step {step}: eval_loss {eval_loss:.4f}")
+                values = {"eval_loss": eval_loss}
+                if generation_metrics:
+                    with autocast:
+                        values.update({f"eval_{k}": v for k, v in generation_metrics(model).items()})
+                    model.train()
+                loggers.log(step, values)
+                progress.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
             if config.save_steps and step % config.save_steps == 0:
                 save_checkpoint(output_dir, step, lambda folder: write_checkpoint(folder, step), config.save_total_limit)
     finally:

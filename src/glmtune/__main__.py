@@ -1,0 +1,3 @@
+from glmtune.cli import main_entry
+
+main_entry()
