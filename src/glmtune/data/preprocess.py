@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from glmtune.data.formats import Conversation
-from glmtune.data.templates import Template
+from glmtune.data.templates import NativeChatGLMTemplate, Template
 from glmtune.errors import GlmtuneError
 
 logger = logging.getLogger(__name__)
@@ -43,6 +43,8 @@ def encode_prompt(tokenizer, template: Template, text: str, max_length: int, fir
 def encode_conversation(
     conversation: Conversation, tokenizer, template: Template, max_source_length: int, max_target_length: int
 ) -> Example:
+    if isinstance(template, NativeChatGLMTemplate):
+        return Example(*template.encode_example(conversation, max_source_length, max_target_length))
     input_ids: list[int] = []
     labels: list[int] = []
     for index, segment in enumerate(template.segments(conversation)):
@@ -65,7 +67,10 @@ def build_examples(
         raise GlmtuneError("the tokenizer has no EOS token; set one or use a chat template")
     examples = [encode_conversation(c, tokenizer, template, max_source_length, max_target_length) for c in conversations]
     # An answer of only EOS teaches nothing but to stop: it means the answer text was empty or cut away.
+    # (ChatGLM-6B's targets also hold <sop>, so it needs one more.)
     minimum = 1 if template.answer_has_end_marker else 2
+    if isinstance(template, NativeChatGLMTemplate) and template.tokenizer.__class__.__name__ == "ChatGLMTokenizer":
+        minimum = 3
     kept = [e for e in examples if e.answer_tokens >= minimum]
     if not kept:
         raise GlmtuneError(
@@ -79,6 +84,8 @@ def build_examples(
 
 def build_prompts(conversations: list[Conversation], tokenizer, template: Template, max_source_length: int) -> list[list[int]]:
     """Prompt ids for generation: everything before the last answer."""
+    if isinstance(template, NativeChatGLMTemplate):
+        return [template.encode_prompt(c, max_source_length) for c in conversations]
     return [
         encode_prompt(tokenizer, template, template.generation_prompt(c), max_source_length, first=True)
         for c in conversations

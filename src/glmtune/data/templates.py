@@ -103,8 +103,44 @@ class ChatTemplate(Template):
         return self._render(messages, True)
 
 
+class NativeChatGLMTemplate(Template):
+    """Original ChatGLM tokenizers: prompts and special tokens exactly as THUDM's ``ptuning/main.py``.
+
+    ChatGLM-6B: the query as is (``[Round i]`` rounds with history), then ``[gMASK] <sop>``;
+    ChatGLM2/3-6B: ``[gMASK] sop`` then ``build_prompt``. Only the last answer carries loss, as in the seed.
+    """
+
+    def __init__(self, tokenizer):
+        self.name = "chatglm-native"
+        self.tokenizer = tokenizer
+
+    @staticmethod
+    def history(conversation: Conversation) -> list[tuple[str, str]]:
+        return [(turn.query, turn.answer) for turn in conversation.turns[:-1]]
+
+    def encode_example(self, conversation: Conversation, max_source_length: int, max_target_length: int):
+        from glmtune.models.chatglm import build_train_example
+
+        last = conversation.turns[-1]
+        return build_train_example(self.tokenizer, last.query, last.answer, max_source_length, max_target_length,
+                                   self.history(conversation))
+
+    def encode_prompt(self, conversation: Conversation, max_source_length: int) -> list[int]:
+        text = self.tokenizer.build_prompt(conversation.turns[-1].query, self.history(conversation))
+        return self.tokenizer.encode(text, add_special_tokens=True, truncation=True, max_length=max_source_length)
+
+
+def is_chatglm_tokenizer(tokenizer) -> bool:
+    from glmtune.models.chatglm import ChatGLM2Tokenizer, ChatGLMTokenizer
+
+    return isinstance(tokenizer, (ChatGLMTokenizer, ChatGLM2Tokenizer))
+
+
 def get_template(name: str, tokenizer) -> Template:
-    """``auto`` picks the tokenizer's chat template when it has one, else ``chatglm``."""
+    """``auto`` picks the original format for ChatGLM tokenizers, else the tokenizer's chat template when
+    it has one, else ``chatglm``."""
+    if name in ("auto", "chatglm-native") and is_chatglm_tokenizer(tokenizer):
+        return NativeChatGLMTemplate(tokenizer)
     has_chat_template = bool(getattr(tokenizer, "chat_template", None))
     if name == "auto":
         name = "chat" if has_chat_template else "chatglm"

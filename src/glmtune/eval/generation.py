@@ -118,6 +118,19 @@ def _cut_at_stop(rows: list[list[int]], stop_ids: list[int]) -> list[list[int]]:
     return result
 
 
+@torch.no_grad()
+def _generate_chatglm(model, tokenizer, prompts, stop_ids, settings: GenerationSettings, generator) -> list[list[int]]:
+    """Native ChatGLM models take the original's masks and positions, which their tokenizer builds."""
+    if settings.num_beams > 1:
+        raise GlmtuneError("--num_beams > 1 is not supported for native ChatGLM models")
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in tokenizer.pad_ids(prompts).items()}
+    output = model.generate(**inputs, max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample,
+                            top_p=settings.top_p, temperature=settings.temperature, eos_token_id=stop_ids,
+                            pad_token_id=tokenizer.pad_token_id, generator=generator if device.type == "cpu" else None)
+    return _cut_at_stop(output[:, inputs["input_ids"].shape[1] :].tolist(), stop_ids)
+
+
 def auto_batch_size(model: nn.Module, prompt_length: int, max_new_tokens: int) -> int:
     """A batch size that fits: the KV cache and last-step logits per sample against half the free memory."""
     device = next(model.parameters()).device
@@ -144,6 +157,12 @@ def generate_texts(
 
     if batch_size is None:
         batch_size = auto_batch_size(model, max(len(p) for p in prompts), settings.max_new_tokens)
+    if getattr(getattr(model, "config", None), "model_type", None) == "chatglm":
+        def generate_rows(rows, generator):
+            return _generate_chatglm(model, tokenizer, rows, stops, settings, generator)
+    else:
+        def generate_rows(rows, generator):
+            return generate_batch(model, rows, pad_id(tokenizer), stops, settings, generator)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     stops = stop_token_ids(model, tokenizer)
     generator = torch.Generator().manual_seed(settings.seed)
@@ -152,7 +171,7 @@ def generate_texts(
     with tqdm(total=len(prompts), desc="generating", unit="sample", disable=not show_progress) as progress:
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
-            outputs = generate_batch(model, [prompts[i] for i in batch], pad_id(tokenizer), stops, settings, generator)
+            outputs = generate_rows([prompts[i] for i in batch], generator)
             for index, tokens in zip(batch, outputs):
                 answers[index] = tokenizer.decode(tokens, skip_special_tokens=True).strip()
             progress.update(len(batch))

@@ -138,11 +138,13 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
     quantization_bit: int | None = None,
+    prefix_checkpoint: str | None = None,
 ):
     """Load a causal LM: native ChatGLM for original ChatGLM-6B/2/3 folders, transformers for the rest.
 
     ``name_or_path``: hub id, local folder (original ChatGLM folders included), ``.gguf`` file, or
     None for the bundled Gemma 3 270M. ``dtype``: a torch dtype or ``auto``/``bfloat16``/``float16``/``float32``.
+    ``prefix_checkpoint``: a seed P-Tuning checkpoint (``transformer.prefix_encoder.*`` only) for a ChatGLM base.
     """
     device = torch.device(device) if device is not None else default_device()
     if dtype is None or isinstance(dtype, str):
@@ -153,7 +155,9 @@ def load_model(
     if is_chatglm_source(source):
         from glmtune.models.chatglm import load_chatglm_model
 
-        model = load_chatglm_model(source, dtype=dtype)
+        model = load_chatglm_model(source, dtype=dtype, prefix_checkpoint=prefix_checkpoint)
+    elif prefix_checkpoint:
+        raise GlmtuneError(f"{prefix_checkpoint}: a seed prefix checkpoint needs an original ChatGLM base model")
     else:
         from transformers import AutoModelForCausalLM
 

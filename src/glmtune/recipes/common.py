@@ -43,10 +43,11 @@ def read_data(path: str | None, config: GlmtuneConfig, limit: int | None, requir
     return conversations[:limit] if limit else conversations
 
 
-def load_base(config: GlmtuneConfig, base_model: str | None) -> ModelBundle:
+def load_base(config: GlmtuneConfig, base_model: str | None, prefix_checkpoint: str | None = None) -> ModelBundle:
     source = resolve_model_source(base_model)
     tokenizer = load_tokenizer(source)
-    model = load_model(source, dtype=config.torch_dtype, quantization_bit=config.quantization_bit)
+    model = load_model(source, dtype=config.torch_dtype, quantization_bit=config.quantization_bit,
+                       prefix_checkpoint=prefix_checkpoint)
     return ModelBundle(model, tokenizer, get_template(config.template, tokenizer), base_model)
 
 
@@ -63,8 +64,8 @@ def trained_weights_folder(config: GlmtuneConfig) -> Path | None:
     for candidate in (config.adapter_name_or_path, config.ptuning_checkpoint, config.model_name_or_path):
         if candidate and read_run_record(candidate):
             return Path(candidate)
-    if config.adapter_name_or_path or config.ptuning_checkpoint:
-        raise GlmtuneError(f"{config.adapter_name_or_path or config.ptuning_checkpoint}: not a glmtune output (no glmtune.json)")
+    if config.adapter_name_or_path:
+        raise GlmtuneError(f"{config.adapter_name_or_path}: not a glmtune output (no glmtune.json)")
     return None
 
 
@@ -72,17 +73,15 @@ def load_for_inference(config: GlmtuneConfig) -> ModelBundle:
     """The base model, with trained weights on top when the config names a glmtune output or checkpoint."""
     folder = trained_weights_folder(config)
     if folder is None:
-        return load_base(config, config.model_name_or_path)
+        # A seed (THUDM ptuning/main.py) checkpoint: only the prefix encoder, loaded natively.
+        return load_base(config, config.model_name_or_path, prefix_checkpoint=config.ptuning_checkpoint)
     record = read_run_record(folder)
     trained_config = GlmtuneConfig(**{**record["config"], "output_dir": str(folder)})
     named_base = config.model_name_or_path and Path(config.model_name_or_path) != folder
     base = config.model_name_or_path if named_base else record.get("base_model")
     method = get_method(record["finetuning_type"])
-    if method.name == "full":
-        bundle = load_base(config, str(folder))
-    else:
-        bundle = load_base(config, base)
-        bundle.model = method.load(bundle.model, folder, trained_config)
+    bundle = load_base(config, base)
+    bundle.model = method.load(bundle.model, folder, trained_config)
     bundle.template = get_template(trained_config.template, bundle.tokenizer)
     bundle.base_model = base
     logger.info("loaded %s weights from %s", method.name, folder)

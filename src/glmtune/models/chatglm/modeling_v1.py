@@ -282,6 +282,14 @@ class ChatGLMModel(nn.Module):
         dtype: torch.dtype,
     ) -> tuple[torch.Tensor | None, torch.Tensor, KVCache | None]:
         """The mask, 2D positions and past that every block receives, built as the original does."""
+        if attention_mask is not None and attention_mask.dim() == 2:
+            # A 0/1 padding mask, as generic collators make: right padding (training batches) leaves
+            # every real token's attention unchanged, so the original's own mask applies; the seed
+            # trains exactly so, passing no mask at all.
+            is_right_padding = (attention_mask[:, :-1] >= attention_mask[:, 1:]).all()
+            if not is_right_padding:
+                raise ValueError("ChatGLM-6B takes a 4D bool attention_mask for left-padded input (see its tokenizer)")
+            attention_mask = None
         if attention_mask is not None and attention_mask.dim() != 4:
             raise ValueError("ChatGLM-6B takes a 4D bool attention_mask (True = masked) or None")
         if past_key_values is None:

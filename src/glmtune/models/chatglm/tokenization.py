@@ -111,6 +111,15 @@ class _ChatGLMTokenizerBase:
                 batch[key] = values[0] if single else values
         return BatchEncoding(batch)
 
+    def pad_ids(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
+        """Left-pad already encoded rows into the model's input formats, as ``__call__(padding=True)`` does."""
+        length = max(len(r) for r in rows)
+        padded = [self._pad_row(list(r), length, True) for r in rows]
+        return {
+            key: torch.stack([p[key] for p in padded]) if torch.is_tensor(padded[0][key]) else torch.tensor([p[key] for p in padded])
+            for key in padded[0]
+        }
+
     def batch_decode(self, sequences, skip_special_tokens: bool = False) -> list[str]:
         return [self.decode(seq, skip_special_tokens=skip_special_tokens) for seq in sequences]
 
