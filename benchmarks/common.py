@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 
-def proxy_config(tiny: bool):
+def proxy_config(tiny: bool, **overrides):
     """The baseline's random-init Llama with ChatGLM-6B dims (../shared/bench/baseline_hf_peft.py)."""
     from transformers import LlamaConfig
 
@@ -22,15 +22,15 @@ def proxy_config(tiny: bool):
         sizes = dict(hidden_size=4096, num_hidden_layers=28, num_attention_heads=32, num_key_value_heads=32,
                      intermediate_size=13696, vocab_size=130528)
     return LlamaConfig(max_position_embeddings=2048, tie_word_embeddings=False, rms_norm_eps=1e-5, hidden_act="silu",
-                       use_cache=True, pad_token_id=0, bos_token_id=1, eos_token_id=2, **sizes)
+                       use_cache=True, pad_token_id=0, bos_token_id=1, eos_token_id=2, **{**sizes, **overrides})
 
 
-def build_proxy(tiny: bool, device: str, dtype=torch.bfloat16):
+def build_proxy(tiny: bool, device: str, dtype=torch.bfloat16, **overrides):
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlamaForCausalLM._from_config(proxy_config(tiny), dtype=dtype, attn_implementation="sdpa")
+        model = LlamaForCausalLM._from_config(proxy_config(tiny, **overrides), dtype=dtype, attn_implementation="sdpa")
     return model
 
 

@@ -80,10 +80,38 @@ def main() -> None:
                          "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None}
     print("glmtune predict path:", result["glmtune"], flush=True)
 
-    # Same greedy tokens? bf16 batched and unbatched arithmetic differ slightly, so count exact matches.
-    batched = generate_batch(model, prompts[: args.baseline_prompts], 0, [], settings)
-    result["greedy_match_with_seed_style"] = sum(a == b for a, b in zip(batched, seed_outputs)) / len(seed_outputs)
-    print("batched rows equal to seed-style rows:", result["greedy_match_with_seed_style"], flush=True)
+    # Same greedy tokens? A random-init model's logits are nearly flat, so bf16 rounding differences between
+    # batch shapes flip argmaxes; exactness is checked in float32 below, here we count agreement.
+    count = args.baseline_prompts
+    batched = generate_batch(model, prompts[:count], 0, [], settings)
+    singles = [generate_batch(model, [p], 0, [], settings)[0] for p in prompts[:count]]
+    result["bf16_rows_equal"] = {
+        "glmtune_batch1_vs_seed_batch1": sum(a == b for a, b in zip(singles, seed_outputs)) / count,
+        "glmtune_batched_vs_seed_batch1": sum(a == b for a, b in zip(batched, seed_outputs)) / count,
+        "first_token_batched_vs_seed": sum(a[0] == b[0] for a, b in zip(batched, seed_outputs)) / count,
+    }
+    print("bf16 agreement:", result["bf16_rows_equal"], flush=True)
+    del model
+    small = build_proxy(args.tiny, device, dtype=torch.float32, num_hidden_layers=2).eval()
+    small.generation_config.eos_token_id = None
+    reference = []
+    for prompt in prompts[:count]:
+        ids = torch.tensor([prompt], device=device)
+        out = small.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new, min_new_tokens=args.new,
+                             do_sample=False, num_beams=1, pad_token_id=0)
+        reference.append(out[0, args.source:].tolist())
+    varied = [p[: args.source - 7 * (i % 5)] for i, p in enumerate(prompts[:count])]  # mixed lengths: left padding in play
+    reference_varied = []
+    for prompt in varied:
+        ids = torch.tensor([prompt], device=device)
+        out = small.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new, min_new_tokens=args.new,
+                             do_sample=False, num_beams=1, pad_token_id=0)
+        reference_varied.append(out[0, len(prompt):].tolist())
+    result["fp32_2layer_rows_equal_to_hf_generate"] = {
+        "same_length_batch": sum(a == b for a, b in zip(generate_batch(small, prompts[:count], 0, [], settings), reference)) / count,
+        "mixed_length_batch": sum(a == b for a, b in zip(generate_batch(small, varied, 0, [], settings), reference_varied)) / count,
+    }
+    print("fp32 exactness:", result["fp32_2layer_rows_equal_to_hf_generate"], flush=True)
     print("wrote", write_json("generation_throughput.json", result))
 
 

@@ -8,6 +8,7 @@ handled here; beam search goes to ``generate`` for models without a prefix.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -64,15 +65,16 @@ def _pick(logits: torch.Tensor, settings: GenerationSettings, generator: torch.G
 
 
 @torch.no_grad()
-def generate_batch(
+def iter_generate(
     model: nn.Module, prompts: list[list[int]], pad_token_id: int, stop_ids: list[int], settings: GenerationSettings,
     generator: torch.Generator | None = None,
-) -> list[list[int]]:
-    """New token ids for each prompt, cut before the first stop token."""
+) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row, step by step (finished rows get ``pad_token_id``).
+
+    Stops after ``max_new_tokens`` or once every row has produced a stop token. Greedy or sampling.
+    """
     device = next(model.parameters()).device
     input_ids, attention_mask = left_pad(prompts, pad_token_id, device)
-    if settings.num_beams > 1:
-        return _beam_search(model, input_ids, attention_mask, pad_token_id, stop_ids, settings)
     prefix_model = model if isinstance(model, PrefixTuningModel) else None
     runner = prefix_model.base_model if prefix_model else model
     cache = prefix_model.prefix_cache(len(prompts), for_generation=True) if prefix_model else DynamicCache()
@@ -81,7 +83,7 @@ def generate_batch(
     stop = torch.tensor(stop_ids, device=device)
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     cache_kwargs = {_cache_argument(_innermost(model)): cache}
-    step_input, new_tokens = input_ids, []
+    step_input = input_ids
     for _ in range(settings.max_new_tokens):
         logits = runner(
             input_ids=step_input, attention_mask=full_mask, position_ids=positions, use_cache=True, logits_to_keep=1,
@@ -89,14 +91,25 @@ def generate_batch(
         ).logits[:, -1, :].float()
         token = _pick(logits, settings, generator)
         token = torch.where(finished, torch.full_like(token, pad_token_id), token)
-        new_tokens.append(token)
+        yield token
         finished |= torch.isin(token, stop)
         if finished.all():
-            break
+            return
         step_input = token[:, None]
         full_mask = torch.cat([full_mask, full_mask.new_ones(len(prompts), 1)], dim=1)
         positions = positions[:, -1:] + 1
-    return _cut_at_stop(torch.stack(new_tokens, dim=1).tolist(), stop_ids)
+
+
+def generate_batch(
+    model: nn.Module, prompts: list[list[int]], pad_token_id: int, stop_ids: list[int], settings: GenerationSettings,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """New token ids for each prompt, cut before the first stop token."""
+    if settings.num_beams > 1:
+        device = next(model.parameters()).device
+        return _beam_search(model, *left_pad(prompts, pad_token_id, device), pad_token_id, stop_ids, settings)
+    steps = list(iter_generate(model, prompts, pad_token_id, stop_ids, settings, generator))
+    return _cut_at_stop(torch.stack(steps, dim=1).tolist(), stop_ids)
 
 
 def _beam_search(model, input_ids, attention_mask, pad_token_id, stop_ids, settings) -> list[list[int]]:
