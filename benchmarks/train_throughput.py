@@ -10,6 +10,8 @@ P = linear parameters (frozen base: no weight-gradient GEMMs), as in ../shared/b
   hf16    HF Trainer + PEFT LoRA r8 q,v, bs16, padded to the longest in the batch
   lora    glmtune train, LoRA r8 q,v, effective batch 16
   ptuning glmtune train, P-Tuning v2, pre_seq_len 128, effective batch 16
+  glmtune runs take flag suffixes: +group (--group_by_length), +compile (--torch_compile),
+  +ckpt (--gradient_checkpointing), e.g. lora+group+compile
 
 Run on the device: python benchmarks/train_throughput.py [--runs seed,hf16,lora,ptuning]   (CPU check: --tiny)
 """
@@ -137,7 +139,10 @@ def main() -> None:
             rate = measured["tokens_per_step"] / measured["step_seconds"]
         else:
             micro = args.glmtune_micro_batch
-            measured = glmtune_run(model, data, run, micro, 16 // micro, args.steps, args.warmup, extra)
+            method, *flags = run.split("+")
+            flag_fields = {"group": "group_by_length", "compile": "torch_compile", "ckpt": "gradient_checkpointing"}
+            run_extra = {**extra, **{flag_fields[f]: True for f in flags}}
+            measured = glmtune_run(model, data, method, micro, 16 // micro, args.steps, args.warmup, run_extra)
             rate = measured["tokens_per_s_median"]
             # glmtune's methods wrap or modify the model: rebuild a clean one for the next run
             del model

@@ -85,7 +85,7 @@ def test_collate_pads_right_with_ignored_labels(tmp_path, tokenizer):
     examples = build_examples(read_conversations(path, FormatOptions()), tokenizer, Template("plain"), 64, 64)
     batch = collate(examples, tokenizer.pad_token_id)
     short = len(examples[0].input_ids)
-    assert batch["input_ids"].shape[1] == len(examples[1].input_ids)
+    assert batch["input_ids"].shape[1] == -(-len(examples[1].input_ids) // 8) * 8
     assert (batch["labels"][0, short:] == IGNORE_INDEX).all()
     assert (batch["attention_mask"][0, short:] == 0).all() and (batch["input_ids"][0, short:] == tokenizer.pad_token_id).all()
 

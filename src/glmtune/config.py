@@ -107,6 +107,10 @@ class GlmtuneConfig:
     fp16: bool = _help("Compute in float16 (autocast).", default=False)
     bf16: bool = _help("Compute in bfloat16 (autocast).", default=False)
     gradient_checkpointing: bool = _help("Recompute activations in backward to save memory.", default=False)
+    group_by_length: bool = _help(
+        "Batch examples of similar length together (within windows of 50 batches) to cut padding.", default=False
+    )
+    torch_compile: bool = _help("Compile each transformer layer with torch.compile (GPU; first steps are slow).", default=False)
     seed: int = _help("Random seed for init, data order and dropout.", default=42)
     report_to: str = _help("Extra loggers: tensorboard, none.", default="tensorboard")
 

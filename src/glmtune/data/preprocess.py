@@ -98,9 +98,13 @@ def pad_id(tokenizer) -> int:
     return tokenizer.eos_token_id
 
 
-def collate(examples: list[Example], padding_value: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example in the batch."""
-    length = max(len(e.input_ids) for e in examples)
+def collate(examples: list[Example], padding_value: int, multiple_of: int = 8) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example in the batch, rounded up to ``multiple_of``.
+
+    Rounding keeps the number of distinct batch shapes small: GPU kernels (and torch.compile) are
+    chosen per shape, and a new shape every step costs more than a few pad tokens.
+    """
+    length = -(-max(len(e.input_ids) for e in examples) // multiple_of) * multiple_of
     input_ids = torch.full((len(examples), length), padding_value, dtype=torch.long)
     labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), length), dtype=torch.long)

@@ -145,12 +145,11 @@ def load_model(
     ``name_or_path``: hub id, local folder (original ChatGLM folders included), ``.gguf`` file, or
     None for the bundled Gemma 3 270M. ``dtype``: a torch dtype or ``auto``/``bfloat16``/``float16``/``float32``.
     ``prefix_checkpoint``: a seed P-Tuning checkpoint (``transformer.prefix_encoder.*`` only) for a ChatGLM base.
+    ``quantization_bit``: 4 or 8 stores the decoder layers' linears quantized (``glmtune.models.quantization``).
     """
     device = torch.device(device) if device is not None else default_device()
     if dtype is None or isinstance(dtype, str):
         dtype = resolve_dtype(dtype or "auto", device)
-    if quantization_bit:
-        raise GlmtuneError("--quantization_bit is not supported yet")
     source = resolve_model_source(name_or_path)
     if is_chatglm_source(source):
         from glmtune.models.chatglm import load_chatglm_model
@@ -166,4 +165,8 @@ def load_model(
         except OSError as error:
             raise GlmtuneError(f"cannot load model from {source}: {error}") from None
     model.name_or_path = source
+    if quantization_bit:
+        from glmtune.models.quantization import quantize_model
+
+        quantize_model(model, quantization_bit, device)
     return model.to(device)

@@ -64,15 +64,33 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
         layer.forward = checkpointed
 
 
-def batch_indices(step_micro_index: int, dataset_size: int, batch_size: int, seed: int) -> list[int]:
-    """Example indices of one micro-batch, from its global index alone: each epoch is a seeded shuffle.
+class DataOrder:
+    """Which examples form each micro-batch, derived from the seed and the micro-batch index alone.
 
-    Being stateless, the data order after a resume is the one an uninterrupted run would see.
+    Each epoch is a seeded shuffle. Being stateless, the order after a resume is the one an
+    uninterrupted run would see. With ``lengths`` (``--group_by_length``), each window of 50
+    micro-batches is sorted by length, as transformers' ``group_by_length`` does, so a micro-batch
+    holds similar lengths and little padding.
     """
-    batches_per_epoch = math.ceil(dataset_size / batch_size)
-    epoch, position = divmod(step_micro_index, batches_per_epoch)
-    order = torch.randperm(dataset_size, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    return order[position * batch_size : (position + 1) * batch_size]
+
+    def __init__(self, dataset_size: int, batch_size: int, seed: int, lengths: list[int] | None = None):
+        self.dataset_size, self.batch_size, self.seed, self.lengths = dataset_size, batch_size, seed, lengths
+        self.batches_per_epoch = math.ceil(dataset_size / batch_size)
+        self._epoch, self._order = None, []
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        if epoch != self._epoch:
+            order = torch.randperm(self.dataset_size, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+            if self.lengths is not None:
+                window = 50 * self.batch_size
+                order = [i for start in range(0, len(order), window)
+                         for i in sorted(order[start : start + window], key=lambda i: -self.lengths[i])]
+            self._epoch, self._order = epoch, order
+        return self._order
+
+    def batch(self, micro_index: int) -> list[int]:
+        epoch, position = divmod(micro_index, self.batches_per_epoch)
+        return self._epoch_order(epoch)[position * self.batch_size : (position + 1) * self.batch_size]
 
 
 def total_steps(config: GlmtuneConfig, dataset_size: int) -> int:
@@ -129,7 +147,9 @@ class _Loggers:
 def _loss(model: nn.Module, batch: dict, autocast: torch.autocast) -> torch.Tensor:
     with autocast:
         # No KV cache in training: a checkpointed layer would append to it again when replayed.
-        outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"], use_cache=False)
+        # No attention mask either: rows are right-padded, so under the causal mask no real token
+        # sees a pad, and without a mask SDPA can take its fastest (flash) kernel.
+        outputs = model(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False)
         return outputs.loss.float()
 
 
@@ -163,6 +183,11 @@ def train(
     dtype = compute_dtype(model, config)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16 and device.type == "cuda")
+    if config.torch_compile:
+        # Each layer's forward, compiled on its own: small graphs that compile fast, and the checkpoint
+        # wrapper below stays outside the compiled region (inductor cannot partition a checkpoint inside one).
+        for layer in decoder_layers(model):
+            layer.forward = torch.compile(layer.forward, dynamic=True)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
 
@@ -196,6 +221,8 @@ def train(
 
     loggers = _Loggers(output_dir, config.report_to, append=start_step > 0)
     padding = pad_id(tokenizer)
+    lengths = [len(e.input_ids) for e in train_examples] if config.group_by_length else None
+    data_order = DataOrder(len(train_examples), config.per_device_train_batch_size, config.seed, lengths)
     eval_every = config.eval_steps or config.save_steps
     result = TrainResult(output_dir, steps)
     model.train()
@@ -207,7 +234,7 @@ def train(
             step_loss = 0.0
             for micro in range(config.gradient_accumulation_steps):
                 micro_index = (step - 1) * config.gradient_accumulation_steps + micro
-                indices = batch_indices(micro_index, len(train_examples), config.per_device_train_batch_size, config.seed)
+                indices = data_order.batch(micro_index)
                 batch = {k: v.to(device) for k, v in collate([train_examples[i] for i in indices], padding).items()}
                 loss = _loss(model, batch, autocast)
                 if not torch.isfinite(loss):
