@@ -109,6 +109,7 @@ class QuantizedLinear(nn.Linear):
         if bits == 4 and linear.in_features % 2:
             raise GlmtuneError(f"--quantization_bit 4 packs weights in pairs; {linear.in_features} inputs is odd")
         self.in_features, self.out_features, self.bits = linear.in_features, linear.out_features, bits
+        self.original_dtype = linear.weight.dtype
         codes, scale = quantize_weight(linear.weight, bits)
         self.register_buffer("weight", codes)
         self.register_buffer("weight_scale", scale)
@@ -116,6 +117,13 @@ class QuantizedLinear(nn.Linear):
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         return dequantize_weight(self.weight, self.weight_scale, self.bits, dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A full-precision weight (a full fine-tune loaded onto a quantized base) is quantized on the way in.
+        weight = state_dict.get(prefix + "weight")
+        if weight is not None and weight.is_floating_point():
+            state_dict[prefix + "weight"], state_dict[prefix + "weight_scale"] = quantize_weight(weight, self.bits)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         output = _QuantizedMatmul.apply(x, self)
@@ -133,7 +141,7 @@ def quantize_model(model: nn.Module, bits: int, device: torch.device | str | Non
     quantized, so the full-precision model never has to fit on the device.
     """
     if bits not in BITS:
-        raise ValueError(f"bits must be 4 or 8, got {bits}")
+        raise GlmtuneError(f"--quantization_bit must be 4 or 8, got {bits}")
     for layer in decoder_layers(model):
         if device is not None:
             layer.to(device)
@@ -142,6 +150,20 @@ def quantize_model(model: nn.Module, bits: int, device: torch.device | str | Non
                 if type(child) is nn.Linear:
                     setattr(parent, name, QuantizedLinear(child, bits))
     return model
+
+
+def dequantize(module: nn.Module) -> nn.Module:
+    """Turn every ``QuantizedLinear`` in ``module`` back into an ``nn.Linear`` (with the rounded weights), in place."""
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, QuantizedLinear):
+                linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                                   device=child.weight.device, dtype=child.original_dtype)
+                linear.weight.data = child.dequantize(child.original_dtype)
+                if child.bias is not None:
+                    linear.bias.data = child.bias.data
+                setattr(parent, name, linear)
+    return module
 
 
 def is_quantized(model: nn.Module) -> bool:
