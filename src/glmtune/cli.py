@@ -87,8 +87,13 @@ def demo(
 def main_entry() -> None:
     # peft calls a transformers 5.x method that transformers itself deprecated; nothing for users to act on.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    logging.basicConfig(format="glmtune: %(message)s", level=logging.WARNING)
-    logging.getLogger("glmtune").setLevel(logging.INFO)
+    logging.basicConfig(format="%(name)s: %(message)s", level=logging.WARNING)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("glmtune: %(message)s"))
+    ours = logging.getLogger("glmtune")
+    ours.setLevel(logging.INFO)
+    ours.addHandler(handler)
+    ours.propagate = False
     try:
         app()
     except GlmtuneError as error:

@@ -12,6 +12,7 @@ from glmtune.errors import GlmtuneError
 from glmtune.methods import get_method
 from glmtune.data.formats import Conversation
 from glmtune.recipes.common import ModelBundle, load_base, prompts_for, read_data, training_examples
+from glmtune.train.distributed import process_group
 from glmtune.train.trainer import TrainResult, check_output_dir, train
 
 console = Console(stderr=True)
@@ -20,7 +21,9 @@ console = Console(stderr=True)
 def run_train(config: GlmtuneConfig) -> TrainResult:
     if not config.train_file:
         raise GlmtuneError("--train_file is required for training")
-    check_output_dir(config)
+    group = process_group()
+    if group.is_main:
+        check_output_dir(config)
     set_seed(config.seed)
     if config.do_eval and not config.validation_file:
         raise GlmtuneError("--do_eval needs --validation_file")
@@ -34,6 +37,7 @@ def run_train(config: GlmtuneConfig) -> TrainResult:
     model = method.apply(bundle.model, config)
     trainable = sum(p.numel() for p in method.trainable_parameters(model).values())
     total = sum(p.numel() for p in model.parameters())
+    console.quiet = not group.is_main  # one process talks
     console.print(
         f"[bold cyan]glmtune[/]: {method.name} on {len(train_examples)} examples, "
         f"{trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.3f}%)"

@@ -27,6 +27,7 @@ from glmtune.data.preprocess import Example, collate, pad_id
 from glmtune.errors import GlmtuneError
 from glmtune.methods import Method
 from glmtune.models.introspect import decoder_layers, parameter_dtype
+from glmtune.train.distributed import process_group, wrap
 from glmtune.train.checkpoint import (
     resolve_resume,
     rng_state,
@@ -88,9 +89,12 @@ class DataOrder:
             self._epoch, self._order = epoch, order
         return self._order
 
-    def batch(self, micro_index: int) -> list[int]:
+    def batch(self, micro_index: int, rank: int = 0, world_size: int = 1) -> list[int]:
+        """This rank's share of global micro-batch ``micro_index`` (``batch_size`` is the global size)."""
         epoch, position = divmod(micro_index, self.batches_per_epoch)
-        return self._epoch_order(epoch)[position * self.batch_size : (position + 1) * self.batch_size]
+        indices = self._epoch_order(epoch)[position * self.batch_size : (position + 1) * self.batch_size]
+        share = math.ceil(len(indices) / world_size)
+        return indices[rank * share : (rank + 1) * share]
 
 
 def total_steps(config: GlmtuneConfig, dataset_size: int) -> int:
@@ -178,7 +182,9 @@ def train(
 
     ``generation_metrics(model)``, when given, runs at each evaluation next to the validation loss.
     """
-    output_dir = check_output_dir(config)
+    group = process_group()
+    output_dir = check_output_dir(config) if group.is_main else Path(config.output_dir)
+    group.barrier()
     device = next(model.parameters()).device
     dtype = compute_dtype(model, config)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
@@ -192,6 +198,7 @@ def train(
         enable_gradient_checkpointing(model)
 
     parameters = list(method.trainable_parameters(model).values())
+    trained_model, model = model, wrap(model, group)  # save from trained_model, step through model
     if not parameters:
         raise GlmtuneError("the method left no trainable parameters")
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -202,46 +209,54 @@ def train(
     start_step = 0
     if config.resume_from_checkpoint:
         checkpoint = resolve_resume(output_dir, config.resume_from_checkpoint)
-        method.restore(model, checkpoint)
+        method.restore(trained_model, checkpoint)
         optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location=device, weights_only=False))
         scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=False))
-        set_rng_state(torch.load(checkpoint / "rng_state.pt", weights_only=False))
+        rng_states = torch.load(checkpoint / "rng_state.pt", weights_only=False)
+        # One state per rank; resumed on more ranks than were saved, the extra ranks take rank 0's.
+        set_rng_state(rng_states[group.rank] if group.rank < len(rng_states) else rng_states[0])
         start_step = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
         logger.info("resuming from %s at step %d", checkpoint, start_step)
     else:
-        set_seed(config.seed)
+        set_seed(config.seed + group.rank)  # ranks share the initial weights (DDP broadcasts) but not dropout
 
-    def write_checkpoint(folder: Path, step: int) -> None:
-        method.save(model, folder)
+    def write_checkpoint(folder: Path, step: int, rng_states: list) -> None:
+        method.save(trained_model, folder)
         torch.save(optimizer.state_dict(), folder / "optimizer.pt")
         torch.save(scheduler.state_dict(), folder / "scheduler.pt")
-        torch.save(rng_state(), folder / "rng_state.pt")
+        torch.save(rng_states, folder / "rng_state.pt")
         (folder / "trainer_state.json").write_text(json.dumps({"step": step, "max_steps": steps}))
         write_run_record(folder, record)
 
-    loggers = _Loggers(output_dir, config.report_to, append=start_step > 0)
+    loggers = _Loggers(output_dir, config.report_to, append=start_step > 0) if group.is_main else None
     padding = pad_id(tokenizer)
     lengths = [len(e.input_ids) for e in train_examples] if config.group_by_length else None
-    data_order = DataOrder(len(train_examples), config.per_device_train_batch_size, config.seed, lengths)
+    data_order = DataOrder(len(train_examples), config.per_device_train_batch_size * group.world_size, config.seed, lengths)
     eval_every = config.eval_steps or config.save_steps
     result = TrainResult(output_dir, steps)
     model.train()
     started = time.perf_counter()
     window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
-    progress = tqdm(total=steps, initial=start_step, desc="training", unit="step")
+    progress = tqdm(total=steps, initial=start_step, desc="training", unit="step", disable=not group.is_main)
     try:
         for step in range(start_step + 1, steps + 1):
             step_loss = 0.0
             for micro in range(config.gradient_accumulation_steps):
                 micro_index = (step - 1) * config.gradient_accumulation_steps + micro
-                indices = data_order.batch(micro_index)
+                indices = data_order.batch(micro_index, group.rank, group.world_size)
                 batch = {k: v.to(device) for k, v in collate([train_examples[i] for i in indices], padding).items()}
-                loss = _loss(model, batch, autocast)
+                # Weight each rank's mean loss by its answer tokens, so the step's loss and gradients
+                # are the mean over all answer tokens of the global batch, whatever the process count.
+                local_tokens = (batch["labels"][:, 1:] != -100).sum()
+                global_tokens = group.sum(local_tokens)
+                loss_sum = _loss(model, batch, autocast) * local_tokens
+                loss = group.sum(loss_sum.detach()) / global_tokens
                 if not torch.isfinite(loss):
                     raise GlmtuneError(f"loss is {loss.item()} at step {step}; stopping (try a lower --learning_rate)")
-                scaler.scale(loss / config.gradient_accumulation_steps).backward()
+                scaled = loss_sum * group.world_size / global_tokens  # DDP averages over ranks
+                scaler.scale(scaled / config.gradient_accumulation_steps).backward()
                 step_loss += loss.item() / config.gradient_accumulation_steps
-                window_tokens += int(batch["attention_mask"].sum())
+                window_tokens += int(group.sum(batch["attention_mask"].sum()))
             if config.max_grad_norm:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
@@ -254,28 +269,36 @@ def train(
             tokens_per_second = window_tokens / max(time.perf_counter() - window_start, 1e-9)
             progress.update(1)
             progress.set_postfix(loss=f"{step_loss:.4f}", tokens_per_s=f"{tokens_per_second:.0f}")
-            if step % config.logging_steps == 0 or step == steps:
+            if loggers and (step % config.logging_steps == 0 or step == steps):
                 interval = step % config.logging_steps or config.logging_steps
                 loggers.log(step, {"loss": window_loss / interval, "learning_rate": scheduler.get_last_lr()[0],
                                    "tokens_per_s": tokens_per_second})
                 window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
             if config.do_eval and eval_examples and eval_every and step % eval_every == 0:
-                eval_loss = evaluate_loss(model, eval_examples, config.per_device_eval_batch_size or 8, padding, autocast)
+                eval_loss = evaluate_loss(trained_model, eval_examples, config.per_device_eval_batch_size or 8, padding, autocast)
                 result.eval_losses.append((step, eval_loss))
                 values = {"eval_loss": eval_loss}
                 if generation_metrics:
                     with autocast:
-                        values.update({f"eval_{k}": v for k, v in generation_metrics(model).items()})
+                        values.update({f"eval_{k}": v for k, v in generation_metrics(trained_model).items()})
                     model.train()
-                loggers.log(step, values)
-                progress.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
+                if loggers:
+                    loggers.log(step, values)
+                    progress.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
             if config.save_steps and step % config.save_steps == 0:
-                save_checkpoint(output_dir, step, lambda folder: write_checkpoint(folder, step), config.save_total_limit)
+                rng_states = group.gather(rng_state())
+                if group.is_main:
+                    save_checkpoint(output_dir, step, lambda folder: write_checkpoint(folder, step, rng_states),
+                                    config.save_total_limit)
+                group.barrier()
     finally:
         progress.close()
-        loggers.close()
+        if loggers:
+            loggers.close()
     result.train_seconds = time.perf_counter() - started
-    method.save(model, output_dir)
+    if not group.is_main:
+        return result
+    method.save(trained_model, output_dir)
     write_run_record(output_dir, {**record, "steps": steps})
     if method.name == "full":
         tokenizer.save_pretrained(str(output_dir))

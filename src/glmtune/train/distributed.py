@@ -1,0 +1,68 @@
+"""Several processes (``torchrun --nproc_per_node N glmtune train ...``): PyTorch DDP, rank-0 I/O.
+
+glmtune adds no distributed machinery of its own: ``torch.distributed`` runs the processes and DDP
+averages the gradients. One process (no ``WORLD_SIZE``) runs the same code with nothing to reduce.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+
+@dataclass(frozen=True)
+class ProcessGroup:
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            value = value.clone()
+            torch_dist.all_reduce(value)
+        return value
+
+    def gather(self, value) -> list:
+        if self.world_size == 1:
+            return [value]
+        gathered = [None] * self.world_size
+        torch_dist.all_gather_object(gathered, value)
+        return gathered
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch_dist.barrier()
+
+
+def process_group() -> ProcessGroup:
+    """Join the process group torchrun describes in the environment (once), or run alone."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return ProcessGroup()
+    if not torch_dist.is_initialized():
+        torch_dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return ProcessGroup(torch_dist.get_rank(), world_size)
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def wrap(model: nn.Module, group: ProcessGroup) -> nn.Module:
+    """DDP over the trainable parameters when there are several processes."""
+    if group.world_size == 1:
+        return model
+    device = next(model.parameters()).device
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
