@@ -107,6 +107,10 @@ class GlmtuneConfig:
     fp16: bool = _help("Compute in float16 (autocast).", default=False)
     bf16: bool = _help("Compute in bfloat16 (autocast).", default=False)
     gradient_checkpointing: bool = _help("Recompute activations in backward to save memory.", default=False)
+    fsdp: bool = _help(
+        "Under torchrun: shard parameters, gradients and optimizer state with PyTorch FSDP2 (full and freeze "
+        "fine-tuning of models too big for one GPU). Without it, several processes use DDP.", default=False
+    )
     group_by_length: bool = _help(
         "Batch examples of similar length together (within windows of 50 batches) to cut padding.", default=False
     )

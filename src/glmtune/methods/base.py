@@ -25,14 +25,19 @@ class Method:
     def trainable_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
         return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
-    def save(self, model: nn.Module, directory: Path) -> None:
-        """Write only what this method trains."""
-        state = {name: p.detach().contiguous().cpu() for name, p in self.trainable_parameters(model).items()}
-        save_file(state, str(Path(directory) / TRAINABLE_FILE))
+    def save(self, model: nn.Module, directory: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write only what this method trains. ``state_dict``: the full tensors, when the model is sharded (FSDP)."""
+        trained = self.trainable_parameters(model)
+        source = state_dict if state_dict is not None else {name: p.detach() for name, p in trained.items()}
+        save_file({name: source[name].contiguous().cpu() for name in trained}, str(Path(directory) / TRAINABLE_FILE))
+
+    def read_state(self, directory: Path) -> dict[str, torch.Tensor]:
+        """What ``save`` wrote, under the model's parameter names."""
+        return load_file(str(Path(directory) / TRAINABLE_FILE))
 
     def restore(self, model: nn.Module, directory: Path) -> None:
         """Load saved trained tensors into a model that ``apply`` has prepared."""
-        state = load_file(str(Path(directory) / TRAINABLE_FILE))
+        state = self.read_state(directory)
         parameters = dict(model.named_parameters())
         unknown = set(state) - set(parameters)
         if unknown:

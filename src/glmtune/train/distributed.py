@@ -56,13 +56,54 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def wrap(model: nn.Module, group: ProcessGroup) -> nn.Module:
-    """DDP over the trainable parameters when there are several processes."""
+def wrap(model: nn.Module, group: ProcessGroup, fsdp: bool = False) -> nn.Module:
+    """DDP over the trainable parameters, or FSDP2 (``fully_shard`` per transformer layer, then the whole
+    model) when parameters, gradients and optimizer state must be split across processes."""
     if group.world_size == 1:
         return model
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        from glmtune.models.introspect import decoder_layers
+
+        for layer in decoder_layers(model):
+            fully_shard(layer)
+        return fully_shard(model)
     device = next(model.parameters()).device
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def _full_options(**extra):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, **extra)
+
+
+def gather_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter in full on rank 0 (a collective: all ranks call it). For sharded (FSDP) models."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_full_options())
+
+
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer state keyed by parameter names, in full: loadable at any process count (a collective)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=_full_options())
+
+
+def load_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    set_model_state_dict(model, state, options=_full_options(strict=False))
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=_full_options())

@@ -27,7 +27,15 @@ from glmtune.data.preprocess import Example, collate, pad_id
 from glmtune.errors import GlmtuneError
 from glmtune.methods import Method
 from glmtune.models.introspect import decoder_layers, parameter_dtype
-from glmtune.train.distributed import process_group, wrap
+from glmtune.train.distributed import (
+    gather_model_state,
+    load_model_state,
+    load_optimizer_state,
+    optimizer_state,
+    process_group,
+    unwrap,
+    wrap,
+)
 from glmtune.train.checkpoint import (
     resolve_resume,
     rng_state,
@@ -197,8 +205,13 @@ def train(
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
 
-    parameters = list(method.trainable_parameters(model).values())
-    trained_model, model = model, wrap(model, group)  # save from trained_model, step through model
+    fsdp = config.fsdp and group.world_size > 1
+    if config.fsdp and method.name not in ("full", "freeze"):
+        raise GlmtuneError("--fsdp is for full and freeze fine-tuning; LoRA and P-Tuning v2 train with DDP (drop --fsdp)")
+    # Wrap before the optimizer exists: FSDP replaces the parameters with their shards.
+    model = wrap(model, group, fsdp)
+    trained_model = unwrap(model)  # what the method saves; `model` is what steps
+    parameters = list(method.trainable_parameters(trained_model).values())
     if not parameters:
         raise GlmtuneError("the method left no trainable parameters")
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -209,8 +222,11 @@ def train(
     start_step = 0
     if config.resume_from_checkpoint:
         checkpoint = resolve_resume(output_dir, config.resume_from_checkpoint)
-        method.restore(trained_model, checkpoint)
-        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location=device, weights_only=False))
+        if fsdp:
+            load_model_state(trained_model, method.read_state(checkpoint))
+        else:
+            method.restore(trained_model, checkpoint)
+        load_optimizer_state(trained_model, optimizer, torch.load(checkpoint / "optimizer.pt", weights_only=False))
         scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=False))
         rng_states = torch.load(checkpoint / "rng_state.pt", weights_only=False)
         # One state per rank; resumed on more ranks than were saved, the extra ranks take rank 0's.
@@ -220,13 +236,24 @@ def train(
     else:
         set_seed(config.seed + group.rank)  # ranks share the initial weights (DDP broadcasts) but not dropout
 
-    def write_checkpoint(folder: Path, step: int, rng_states: list) -> None:
-        method.save(trained_model, folder)
-        torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+    def write_checkpoint(folder: Path, step: int, states: dict) -> None:
+        save_trained(folder, states["model"])
+        torch.save(states["optimizer"], folder / "optimizer.pt")
         torch.save(scheduler.state_dict(), folder / "scheduler.pt")
-        torch.save(rng_states, folder / "rng_state.pt")
+        torch.save(states["rng"], folder / "rng_state.pt")
         (folder / "trainer_state.json").write_text(json.dumps({"step": step, "max_steps": steps}))
         write_run_record(folder, record)
+
+    def save_trained(folder: Path, model_state: dict | None) -> None:
+        if model_state is None:
+            method.save(trained_model, folder)
+        else:
+            method.save(trained_model, folder, state_dict=model_state)
+
+    def gather_states() -> dict:
+        """Everything a checkpoint holds, gathered to rank 0 (all ranks must call this)."""
+        return {"model": gather_model_state(trained_model) if fsdp else None,
+                "optimizer": optimizer_state(trained_model, optimizer), "rng": group.gather(rng_state())}
 
     loggers = _Loggers(output_dir, config.report_to, append=start_step > 0) if group.is_main else None
     padding = pad_id(tokenizer)
@@ -286,9 +313,9 @@ def train(
                     loggers.log(step, values)
                     progress.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
             if config.save_steps and step % config.save_steps == 0:
-                rng_states = group.gather(rng_state())
+                states = gather_states()
                 if group.is_main:
-                    save_checkpoint(output_dir, step, lambda folder: write_checkpoint(folder, step, rng_states),
+                    save_checkpoint(output_dir, step, lambda folder: write_checkpoint(folder, step, states),
                                     config.save_total_limit)
                 group.barrier()
     finally:
@@ -296,9 +323,10 @@ def train(
         if loggers:
             loggers.close()
     result.train_seconds = time.perf_counter() - started
+    final_model_state = gather_model_state(trained_model) if fsdp else None
     if not group.is_main:
         return result
-    method.save(trained_model, output_dir)
+    save_trained(output_dir, final_model_state)
     write_run_record(output_dir, {**record, "steps": steps})
     if method.name == "full":
         tokenizer.save_pretrained(str(output_dir))
