@@ -20,4 +20,5 @@ CUDA_VISIBLE_DEVICES=0 glmtune main \
     --max_target_length 64 \
     --per_device_eval_batch_size 1 \
     --predict_with_generate \
-    --pre_seq_len $PRE_SEQ_LEN "$@"
+    --pre_seq_len $PRE_SEQ_LEN \
+    --quantization_bit 4 "$@"

@@ -27,5 +27,6 @@ CUDA_VISIBLE_DEVICES=0 glmtune main \
     --logging_steps 10 \
     --save_steps 1000 \
     --learning_rate $LR \
-    --pre_seq_len $PRE_SEQ_LEN "$@"
-# The seed also passed --quantization_bit 4; add it back once your glmtune supports it.
+    --pre_seq_len $PRE_SEQ_LEN \
+    --quantization_bit 4 "$@"
+

@@ -73,6 +73,14 @@ def compare(ctx: typer.Context) -> None:
     typer.echo(run_compare(parse_config(args), tuned))
 
 
+@app.command("estimate-memory", context_settings=PASS_THROUGH)
+def estimate_memory(ctx: typer.Context) -> None:
+    """Expected peak GPU memory of `glmtune train` with the same flags, from the model config alone."""
+    from glmtune.memory import estimate_for, format_estimate
+
+    typer.echo(format_estimate(estimate_for(_config(ctx, "estimate-memory"))))
+
+
 @app.command()
 def demo(
     steps: int = typer.Option(30, help="Training steps (CPU: a few seconds each)."),

@@ -1,83 +1,90 @@
 """Expected peak memory of a training run, from the model config alone (``glmtune estimate-memory``).
 
-    peak = weights + trainable state + max(activations + logits + transient, optimizer temporaries)
+    peak = weights + trainable state + max(activations + max(logits, transient), 4·T)
+    (gradient checkpointing: layer inputs + max(logits, one layer's activations and gradients + transient))
 
 weights      the frozen base parameters in ``dtype``; with ``bits`` the decoder layers' linears take what
              ``QuantizedLinear`` stores: 1 byte per weight + 4 per output row (8 bits), ½ byte per weight
              + 4 per group of 64 inputs (4 bits). Exact: counted on the model built on the meta device.
 trainable    T parameters that the method trains (the method is applied to the meta model): float32
-             weights, gradients and AdamW's two moments, 16·T bytes, plus a 2·T half-precision copy that
-             autocast keeps. The optimizer step adds a 4·T temporary, when the activations are freed.
+             weights, gradients and AdamW's two moments, 16·T bytes, plus the 2·T half-precision copy that
+             autocast keeps. The optimizer step needs a 4·T temporary, when the activations are gone.
 activations  what autograd keeps for backward, per layer and sample of S = source + target tokens, with
              c bytes per element of the compute dtype; a frozen linear, quantized or not, keeps nothing:
                norms      4·w·S each (their float32 input; w = the width they normalize)
                attention  c·(2·q·S + 2·kv·(S + P)): q, k, v and output of SDPA; P = the prefix length
                MLP        c·m·S: m = f for a plain MLP (the activation's input), 3f for a gated one
-               LoRA       ((c + 1)·in + c·r)·S per adapted linear: input copy, dropout mask, rank-r output
-               trained    c·in·S per trained linear (freeze, full): the input kept for its weight gradient
+               LoRA       ((c + d)·in + c·r)·S per adapted linear: input copy, dropout mask, rank-r output
+               trained    c·in·S per trained linear (freeze, full): the input its weight gradient needs
+             d: a dropout mask element, 1 byte on CUDA (bool), the input's element size on CPU (float).
              P-Tuning v2 adds the prefix encoder's float32 activations (with --prefix_projection) and, for
-             native ChatGLM, the prefix dropout mask, 1 byte per prefix key/value element of the batch.
+             native ChatGLM, the prefix dropout mask over the batch's prefix keys and values.
              With gradient checkpointing each layer keeps only its input, c·h·S (4·h·S for ChatGLM-6B, whose
-             residual stream is float32 under autocast), and one layer's set is rebuilt at a time.
-logits       tokens·V·(2c + 8): the logits, their float32 log-softmax kept for backward, and both gradients.
+             residual stream is float32 under autocast), while backward rebuilds one layer's set at a time
+             and holds that layer's gradients, c·(m + 2h)·S, with it.
+logits       12 bytes per token and vocabulary entry: the float32 log-softmax kept for backward and the
+             two float32 gradients of the loss's backward (the trainer has dropped the logits by then).
 transient    a quantized base dequantizes one weight at a time: 2·c bytes per weight of the largest linear.
+             It happens inside the layers' backward, not with the logits, hence max(logits, transient).
 
 Assumes SDPA attention (no [S, S] score matrix is kept) and glmtune's loop (fp32 trainable weights, AdamW).
+Checked on CPU against the bytes autograd allocates (tests/test_memory_estimate.py) and on the H200 by
+benchmarks/quantization_memory.py.
 """
 
 from __future__ import annotations
 
-import json
+import copy
 from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from glmtune.config import GlmtuneConfig
 from glmtune.errors import GlmtuneError
-from glmtune.methods import get_method
+from glmtune.methods import METHODS, get_method
 from glmtune.methods.lora import ATTENTION_PROJECTIONS
+from glmtune.models.chatglm import (
+    ChatGLM2Config,
+    ChatGLM2ForConditionalGeneration,
+    ChatGLMConfig,
+    ChatGLMForConditionalGeneration,
+    chatglm_version,
+    is_chatglm_config,
+)
 from glmtune.models.introspect import decoder_layers, text_config
+from glmtune.models.loading import read_config_dict, resolve_model_source
 from glmtune.models.quantization import quantized_nbytes
 
 ATTENTION_NAMES = {name for family in ATTENTION_PROJECTIONS for name in family}
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 GIB = 2**30
 
 
-def _config_dict(model_config_or_path) -> dict | None:
-    if isinstance(model_config_or_path, dict):
-        return model_config_or_path
-    if isinstance(model_config_or_path, (str, Path)):
-        config_file = Path(model_config_or_path) / "config.json"
-        if not config_file.is_file():
-            raise GlmtuneError(f"{model_config_or_path}: no config.json")
-        return json.loads(config_file.read_text(encoding="utf-8"))
-    return None
-
-
 def meta_model(model_config_or_path) -> nn.Module:
-    """The model of a config (a folder, a config.json dict or a transformers config) on the meta device."""
-    from glmtune.models.chatglm import is_chatglm_config
-    from glmtune.models.chatglm.loading import chatglm_version
-    from glmtune.models.chatglm.modeling_v1 import ChatGLMConfig, ChatGLMForConditionalGeneration
-    from glmtune.models.chatglm.modeling_v2 import ChatGLM2Config, ChatGLM2ForConditionalGeneration
+    """The model of a config on the meta device: no memory, any size.
 
+    ``model_config_or_path``: what ``--model_name_or_path`` takes (a folder, a ``.gguf`` file, a hub id,
+    None for the bundled default), a ``config.json`` dict or a config object.
+    """
     config = model_config_or_path
-    config_dict = _config_dict(model_config_or_path)
+    if config is None or isinstance(config, (str, Path)):
+        source = resolve_model_source(None if config is None else str(config))
+        config = read_config_dict(source) or AutoConfig.from_pretrained(source)
+    if isinstance(config, dict) and is_chatglm_config(config):
+        settings = {k: v for k, v in config.items() if k not in ("pre_seq_len", "quantization_bit")}
+        config = ChatGLMConfig(**settings) if chatglm_version(config) == 1 else ChatGLM2Config(**settings)
+    elif isinstance(config, dict):
+        config = AutoConfig.for_model(**config)
+    if not isinstance(config, PretrainedConfig):
+        raise GlmtuneError(f"not a model config: {type(config).__name__}")
+    config = copy.deepcopy(config)  # methods edit model.config (P-Tuning sets pre_seq_len)
     with torch.device("meta"):
         if isinstance(config, ChatGLMConfig):
             return ChatGLMForConditionalGeneration(config)
         if isinstance(config, ChatGLM2Config):
             return ChatGLM2ForConditionalGeneration(config)
-        if config_dict is not None and is_chatglm_config(config_dict):
-            settings = {k: v for k, v in config_dict.items() if k not in ("pre_seq_len", "quantization_bit")}
-            if chatglm_version(config_dict) == 1:
-                return ChatGLMForConditionalGeneration(ChatGLMConfig(**settings))
-            return ChatGLM2ForConditionalGeneration(ChatGLM2Config(**settings))
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        if config_dict is not None:
-            config = AutoConfig.for_model(**config_dict)
         return AutoModelForCausalLM.from_config(config)
 
 
@@ -146,20 +153,25 @@ def estimate_memory(
     freeze_trainable_layers: int = 2,
     freeze_trainable_modules: str = "mlp",
     dtype: str = "bfloat16",
+    device: str = "cuda",
 ) -> dict:
-    """Expected peak training memory in bytes, by term (see the module docstring for the formula).
+    """Expected peak training memory in bytes, by term (the formula is in the module docstring).
 
-    ``model_config_or_path``: a model folder, a ``config.json`` dict or a transformers config. ``dtype``:
-    the base weights' dtype, also the compute dtype (autocast) when it is a half precision.
+    ``model_config_or_path``: as for ``meta_model``. ``dtype``: the base weights' dtype, also the compute
+    dtype (autocast) when it is a half precision. ``device``: ``cuda`` or ``cpu`` (dropout masks differ).
+    The other arguments are the training flags of the same names.
     """
     if bits not in (None, 4, 8):
-        raise GlmtuneError(f"bits must be 4 or 8, got {bits}")
-    if bits and method not in ("lora", "ptuning", "freeze"):
-        raise GlmtuneError(f"--quantization_bit needs a method that keeps the base frozen, not {method}")
-    torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
-    c = torch.empty(0, dtype=torch_dtype).element_size()
+        raise GlmtuneError(f"--quantization_bit must be 4 or 8, got {bits}")
+    if bits and method == "full":
+        raise GlmtuneError("--finetuning_type full trains every weight; it cannot use --quantization_bit")
+    if method not in METHODS:
+        raise GlmtuneError(f"unknown method {method}; choose {', '.join(METHODS)}")
+    if dtype not in DTYPE_BYTES:
+        raise GlmtuneError(f"unknown dtype {dtype}; choose {', '.join(DTYPE_BYTES)}")
+    c = DTYPE_BYTES[dtype]
     model = meta_model(model_config_or_path)
-    is_chatglm = getattr(model.config, "model_type", None) == "chatglm"
+    native_chatglm = getattr(model.config, "model_type", None) == "chatglm"
     layers = decoder_layers(model)
     hidden = text_config(model).hidden_size
     vocab = model.get_output_embeddings().out_features
@@ -182,47 +194,62 @@ def estimate_memory(
 
     sequence = source_length + target_length
     prefix = pre_seq_len if method == "ptuning" else 0
-    per_sample_layer = sequence * (4 * sum(norms) + c * 2 * q + c * mlp) + c * 2 * kv * (sequence + prefix)
-    per_layer = [per_sample_layer] * len(layers)
+    per_layer = [sequence * (4 * sum(norms) + c * 2 * q + c * mlp) + c * 2 * kv * (sequence + prefix)] * len(layers)
+    lora_mask = (1 if device == "cuda" else 4) if lora_dropout > 0 else 0
     owner = {id(m): i for i, layer in enumerate(layers) for m in layer.modules()}
     for name, module in prepared.named_modules():
         index = owner.get(id(module))
         if index is None:
             continue
         if hasattr(module, "lora_A") and hasattr(module, "base_layer"):
-            per_layer[index] += sequence * ((c + (lora_dropout > 0)) * module.base_layer.in_features + c * lora_rank)
+            per_layer[index] += sequence * ((c + lora_mask) * module.base_layer.in_features + c * lora_rank)
         elif isinstance(module, nn.Linear) and module.weight.requires_grad and "lora_" not in name:
             per_layer[index] += sequence * c * module.in_features
 
     prefix_bytes = 0
     if prefix:
-        kv_elements = prefix * 2 * len(layers) * kv
-        projection = prefix * 4 * (hidden + (prefix_hidden_size or hidden)) if prefix_projection else 0
-        copies = batch_size if is_chatglm else 1  # native ChatGLM expands the prefix per sample, the wrapper views it
-        prefix_bytes = copies * projection + (batch_size * kv_elements if is_chatglm else 0)
+        prefix_kv = prefix * 2 * len(layers) * kv  # elements of all layers' prefix keys and values, one sample
+        copies = batch_size if native_chatglm else 1  # native ChatGLM computes the prefix per sample
+        if prefix_projection:
+            prefix_bytes += copies * prefix * 4 * (hidden + 2 * (prefix_hidden_size or hidden))
+        if native_chatglm:
+            prefix_bytes += batch_size * prefix_kv * (1 if device == "cuda" else c)  # prefix dropout mask
         if gradient_checkpointing:
-            prefix_bytes += copies * kv_elements * c  # the prefix keys/values are inputs of every layer
-    if gradient_checkpointing:
-        residual = 4 if is_chatglm and _chatglm_version(model) == 1 else c
-        activations = batch_size * (len(layers) * residual * hidden * sequence + max(per_layer))
-    else:
-        activations = batch_size * sum(per_layer)
-    activations += prefix_bytes
-    logits = batch_size * sequence * vocab * (2 * c + 8)
+            prefix_bytes += copies * prefix_kv * c  # every layer's input, kept for its recomputation
     transient = 2 * c * largest_linear if bits else 0
+    logits = 12 * batch_size * sequence * vocab
+    if gradient_checkpointing:
+        residual = 4 if isinstance(model.config, ChatGLMConfig) else c
+        kept = batch_size * len(layers) * residual * hidden * sequence + prefix_bytes
+        activations = kept + batch_size * max(per_layer)
+        backward_gradients = batch_size * sequence * c * (mlp + 2 * hidden)
+        dynamic = kept + max(logits, batch_size * max(per_layer) + backward_gradients + transient)
+    else:
+        activations = batch_size * sum(per_layer) + prefix_bytes
+        dynamic = activations + max(logits, transient)
     trainable_state = 16 * trained + (2 * trained if c < 4 else 0)
-    peak = weights + trainable_state + max(activations + logits + transient, 4 * trained)
     return {
         "weights": weights, "trainable_state": trainable_state, "activations": activations, "logits": logits,
-        "transient": transient, "peak": peak, "trainable_parameters": trained,
+        "transient": transient, "peak": weights + trainable_state + max(dynamic, 4 * trained),
+        "trainable_parameters": trained,
         "settings": {"method": method, "bits": bits, "batch_size": batch_size, "source_length": source_length,
-                     "target_length": target_length, "pre_seq_len": prefix or None, "lora_rank": lora_rank,
+                     "target_length": target_length, "pre_seq_len": prefix or None,
+                     "lora_rank": lora_rank if method == "lora" else None,
                      "gradient_checkpointing": gradient_checkpointing, "dtype": dtype},
     }
 
 
-def _chatglm_version(model: nn.Module) -> int:
-    return 1 if hasattr(model.config, "inner_hidden_size") else 2
+def estimate_for(config: GlmtuneConfig, device: str = "cuda") -> dict:
+    """``estimate_memory`` for the flags of a ``glmtune train`` run (``glmtune estimate-memory``)."""
+    return estimate_memory(
+        config.model_name_or_path, config.finetuning_type, config.quantization_bit, config.per_device_train_batch_size,
+        config.max_source_length, config.max_target_length, pre_seq_len=config.pre_seq_len or 0,
+        lora_rank=config.lora_rank, gradient_checkpointing=config.gradient_checkpointing, lora_target=config.lora_target,
+        lora_dropout=config.lora_dropout, prefix_projection=config.prefix_projection,
+        prefix_hidden_size=config.prefix_hidden_size, freeze_trainable_layers=config.freeze_trainable_layers,
+        freeze_trainable_modules=config.freeze_trainable_modules,
+        dtype="bfloat16" if config.torch_dtype == "auto" else config.torch_dtype, device=device,
+    )
 
 
 def format_estimate(estimate: dict) -> str:

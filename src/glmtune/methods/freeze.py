@@ -8,6 +8,7 @@ from glmtune.config import GlmtuneConfig
 from glmtune.errors import GlmtuneError
 from glmtune.methods.base import Method, upcast_trainable
 from glmtune.models.introspect import decoder_layers
+from glmtune.models.quantization import dequantize
 
 MLP_NAMES = ("mlp", "feed_forward", "ffn")
 
@@ -34,6 +35,7 @@ class FreezeMethod(Method):
         model.requires_grad_(False)
         for layer in layers[len(layers) - count :]:
             for module in _chosen_modules(layer, config.freeze_trainable_modules):
+                dequantize(module)  # on a quantized base the trained parts train in full precision
                 module.requires_grad_(True)
         upcast_trainable(model)
         return model

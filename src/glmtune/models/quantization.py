@@ -36,14 +36,11 @@ NF4_LEVELS = (
 )
 
 
-def _nf4_pairs() -> torch.Tensor:
+def nf4_pairs() -> torch.Tensor:
     """[256, 2]: the two NF4 levels a packed byte holds (low nibble first), so unpacking is one lookup."""
     levels = torch.tensor(NF4_LEVELS)
     codes = torch.arange(256)
     return torch.stack([levels[codes & 15], levels[codes >> 4]], dim=-1)
-
-
-_NF4_PAIRS = _nf4_pairs()
 
 
 def group_size(in_features: int) -> int:
@@ -75,11 +72,14 @@ def quantize_weight(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torc
     return packed, scale.squeeze(-1)
 
 
-def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+def dequantize_weight(
+    codes: torch.Tensor, scale: torch.Tensor, bits: int, dtype: torch.dtype, pairs: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The ``[out, in]`` weight in ``dtype``; ``pairs``: ``nf4_pairs()`` on the codes' device (4 bits)."""
     if bits == 8:
         return codes.to(dtype) * scale.to(dtype)
     out_features = codes.shape[0]
-    pairs = _NF4_PAIRS.to(device=codes.device, dtype=dtype)
+    pairs = (nf4_pairs() if pairs is None else pairs).to(device=codes.device, dtype=dtype)
     values = F.embedding(codes.int(), pairs).view(out_features, scale.shape[1], -1)
     return (values * scale.to(dtype).unsqueeze(-1)).view(out_features, -1)
 
@@ -113,10 +113,12 @@ class QuantizedLinear(nn.Linear):
         codes, scale = quantize_weight(linear.weight, bits)
         self.register_buffer("weight", codes)
         self.register_buffer("weight_scale", scale)
+        # Kept on the module so that it follows the model's device and torch.compile sees a tensor.
+        self.register_buffer("nf4_pairs", nf4_pairs() if bits == 4 else None, persistent=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        return dequantize_weight(self.weight, self.weight_scale, self.bits, dtype)
+        return dequantize_weight(self.weight, self.weight_scale, self.bits, dtype, self.nf4_pairs)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A full-precision weight (a full fine-tune loaded onto a quantized base) is quantized on the way in.
@@ -170,6 +172,7 @@ def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, QuantizedLinear) for m in model.modules())
 
 
-def quantized_bytes(model: nn.Module) -> int:
-    """Bytes of the quantized weights and their scales."""
-    return sum(m.weight.nbytes + m.weight_scale.nbytes for m in model.modules() if isinstance(m, QuantizedLinear))
+def parameter_count(model: nn.Module) -> int:
+    """Parameters of the model as loaded, counting each quantized weight (a buffer, not a parameter) once."""
+    quantized = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantizedLinear))
+    return sum(p.numel() for p in model.parameters()) + quantized

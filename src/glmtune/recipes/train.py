@@ -10,6 +10,7 @@ from transformers import set_seed
 from glmtune.config import GlmtuneConfig
 from glmtune.errors import GlmtuneError
 from glmtune.methods import get_method
+from glmtune.models.quantization import parameter_count
 from glmtune.data.formats import Conversation
 from glmtune.recipes.common import ModelBundle, load_base, prompts_for, read_data, training_examples
 from glmtune.train.distributed import process_group
@@ -36,7 +37,7 @@ def run_train(config: GlmtuneConfig) -> TrainResult:
     method = get_method(config.finetuning_type)
     model = method.apply(bundle.model, config)
     trainable = sum(p.numel() for p in method.trainable_parameters(model).values())
-    total = sum(p.numel() for p in model.parameters())
+    total = parameter_count(model)
     console.quiet = not group.is_main  # one process talks
     console.print(
         f"[bold cyan]glmtune[/]: {method.name} on {len(train_examples)} examples, "
