@@ -92,6 +92,56 @@ def demo(
     run_demo(steps=steps, output_dir=output_dir)
 
 
+@app.command(context_settings=PASS_THROUGH)
+def chat(ctx: typer.Context) -> None:
+    """Chat in the terminal with a base or tuned model: streams answers, 'clear' resets, 'exit' quits. --help lists flags."""
+    from glmtune.serve.chat import run_chat
+
+    run_chat(_config(ctx, "chat"))
+
+
+# Commands with flags of their own: those go to typer (and its --help); model flags pass through to the config.
+OWN_FLAGS_AND_PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+@app.command(context_settings=OWN_FLAGS_AND_PASS_THROUGH)
+def web(
+    ctx: typer.Context,
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(7860, help="Port to listen on."),
+) -> None:
+    """Browser chat demo (Gradio): streaming, history, sampling controls, base vs tuned. Model flags as for chat."""
+    from glmtune.serve.web import run_web
+
+    run_web(_config(ctx, "web"), host=host, port=port)
+
+
+@app.command(context_settings=OWN_FLAGS_AND_PASS_THROUGH)
+def serve(
+    ctx: typer.Context,
+    host: str = typer.Option("127.0.0.1", help="Address to listen on; anything but loopback needs --api-key."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    api_key: str = typer.Option(None, envvar="GLMTUNE_API_KEY", help="Require 'Authorization: Bearer KEY'."),
+) -> None:
+    """OpenAI-compatible API: /v1/models, /v1/chat/completions, /v1/completions (SSE streaming). Model flags as for chat."""
+    from glmtune.serve.api import run_serve
+
+    run_serve(_config(ctx, "serve"), host=host, port=port, api_key=api_key)
+
+
+@app.command(context_settings=OWN_FLAGS_AND_PASS_THROUGH)
+def export(
+    ctx: typer.Context,
+    output: str = typer.Option(..., help="Folder to write; must not exist or be empty."),
+    gguf: bool = typer.Option(False, help="Also write OUTPUT/NAME.gguf for llama.cpp, Ollama, GPT4All (Llama, Gemma 3)."),
+    gguf_type: str = typer.Option("auto", help="GGUF weights: auto (the model's dtype), f32, f16, bf16 or q8_0."),
+) -> None:
+    """Merge LoRA/freeze/full weights into a plain transformers folder (+ GGUF); P-Tuning v2: a self-contained glmtune folder."""
+    from glmtune.export import run_export
+
+    typer.echo(run_export(_config(ctx, "export"), output, gguf=gguf, gguf_type=gguf_type))
+
+
 def main_entry() -> None:
     # peft calls a transformers 5.x method that transformers itself deprecated; nothing for users to act on.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)

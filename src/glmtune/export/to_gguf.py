@@ -90,7 +90,8 @@ def _hyperparameters(writer: gguf.GGUFWriter, config, arch: gguf.MODEL_ARCH) -> 
 
 def _llama_cpp_rotary(weights: torch.Tensor, heads: int) -> torch.Tensor:
     """Interleave each head's two rotary halves, as llama.cpp's converter does for Llama."""
-    return weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+    halves = weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:])
+    return halves.swapaxes(1, 2).reshape(weights.shape)
 
 
 def gguf_tensors(model: nn.Module, arch: gguf.MODEL_ARCH) -> list[tuple[str, torch.Tensor]]:

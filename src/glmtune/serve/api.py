@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from glmtune.config import GlmtuneConfig
 from glmtune.errors import GlmtuneError
+from glmtune.eval.generation import GenerationSettings
 from glmtune.serve.engine import Engine, Output
 
 BASE_SUFFIX = ":base"
@@ -134,7 +135,8 @@ class StopScanner:
         return out
 
 
-async def generate(engine: Engine, prompt: list[int], settings, base: bool, stop) -> AsyncIterator[Piece]:
+async def generate(engine: Engine, prompt: list[int], settings: GenerationSettings, base: bool,
+                   stop: str | list[str] | None) -> AsyncIterator[Piece]:
     """Pieces of the answer; the last one carries the finish reason. Leaving early cancels the job."""
     loop = asyncio.get_running_loop()
     outputs: asyncio.Queue[Output] = asyncio.Queue()
@@ -202,7 +204,7 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
             raise ApiError(404, f"model {name!r} does not exist", param="model", code="model_not_found")
         return model_card(name)
 
-    def settings_for(body: _Request, prompt: list[int], max_tokens: int | None):
+    def settings_for(body: _Request, prompt: list[int], max_tokens: int | None) -> GenerationSettings:
         if body.model not in models:
             raise ApiError(400, f"unknown model {body.model!r}; this server has {', '.join(models)}",
                            param="model", code="model_not_found")
@@ -210,7 +212,7 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         if max_tokens is None:
             if room < 1:
                 raise ApiError(400, f"the prompt is {len(prompt)} tokens, the model's context is "
-                                    f"{engine.context_length}", param="messages", code="context_length_exceeded")
+                                    f"{engine.context_length}", code="context_length_exceeded")
             max_tokens = min(engine.default_settings().max_new_tokens, room)
         try:
             engine.check_fits(prompt, max_tokens)
@@ -226,7 +228,7 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         return {"prompt_tokens": len(prompt), "completion_tokens": completion_tokens,
                 "total_tokens": len(prompt) + completion_tokens}
 
-    async def respond(body: _Request, prompt: list[int], max_tokens: int | None, chat: bool):
+    async def respond(body: _Request, prompt: list[int], max_tokens: int | None, chat: bool) -> dict | StreamingResponse:
         settings = settings_for(body, prompt, max_tokens)
         base = body.model.endswith(BASE_SUFFIX) and engine.tuned
         pieces = generate(engine, prompt, settings, base, body.stop)
@@ -240,10 +242,10 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
             choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
             return {**identity, "object": "chat.completion" if chat else "text_completion", "choices": [choice],
                     "usage": usage(prompt, last.completion_tokens)}
-        return StreamingResponse(_events(identity, pieces, chat, prompt, body.include_usage()),
+        return StreamingResponse(events(identity, pieces, chat, prompt, body.include_usage()),
                                  media_type="text/event-stream")
 
-    async def _events(identity: dict, pieces: AsyncIterator[Piece], chat: bool, prompt: list[int], with_usage: bool):
+    async def events(identity: dict, pieces: AsyncIterator[Piece], chat: bool, prompt: list[int], with_usage: bool):
         kind = "chat.completion.chunk" if chat else "text_completion"
 
         def event(text: str | None, finish_reason: str | None = None, role: bool = False) -> str:

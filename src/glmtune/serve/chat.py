@@ -6,6 +6,7 @@ import sys
 
 from glmtune.config import GlmtuneConfig
 from glmtune.errors import GlmtuneError
+from glmtune.eval.generation import GenerationSettings
 from glmtune.serve.engine import Engine
 
 BANNER = "glmtune chat with {name}: type a message. 'clear' resets the history, 'exit' quits, Ctrl-C stops an answer."
@@ -18,6 +19,13 @@ def run_chat(config: GlmtuneConfig) -> None:
     except ImportError:
         pass
     engine = Engine.from_config(config)
+    try:
+        _converse(engine)
+    finally:
+        engine.close()
+
+
+def _converse(engine: Engine) -> None:
     settings = engine.default_settings()
     print(BANNER.format(name=engine.name), flush=True)
     history: list[tuple[str, str]] = []
@@ -46,10 +54,12 @@ def run_chat(config: GlmtuneConfig) -> None:
         if dropped:
             print(f"(the oldest {dropped} turn(s) no longer fit the model's context and are forgotten)")
             del history[:dropped]
-        history.append((query, _answer(engine, prompt, settings)))
+        answer = _answer(engine, prompt, settings)
+        if answer:  # an answer stopped before its first word leaves nothing to remember
+            history.append((query, answer))
 
 
-def _answer(engine: Engine, prompt: list[int], settings) -> str:
+def _answer(engine: Engine, prompt: list[int], settings: GenerationSettings) -> str:
     """Stream one answer to the terminal; Ctrl-C stops it and keeps what was said so far."""
     print("Model: ", end="", flush=True)
     pieces: list[str] = []

@@ -32,7 +32,7 @@ from glmtune.recipes.common import ModelBundle, load_base, load_for_inference, t
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_NEW_TOKENS = 256
-MAX_BATCH = 16
+MAX_BATCH = 32
 
 
 @dataclass
@@ -103,6 +103,15 @@ def context_length(model: nn.Module) -> int:
     return 2048
 
 
+def model_name(config: GlmtuneConfig) -> str:
+    """What chat, web and the API call the model: the folder name (with its run for a checkpoint-N)."""
+    named = config.adapter_name_or_path or config.ptuning_checkpoint or config.model_name_or_path
+    if not named:
+        return "gemma-3-270m"
+    path = Path(named).resolve() if Path(named).exists() else Path(named)
+    return f"{path.parent.name}-{path.name}" if path.name.startswith("checkpoint-") else path.name
+
+
 class Engine:
     """A model, its tokenizer and template, and the worker thread that generates with them."""
 
@@ -118,6 +127,8 @@ class Engine:
         self.context_length = context_length(self.model)
         self._base_copy: nn.Module | None = None
         self._pending: deque[Job] = deque()
+        self._running: list[Job] = []
+        self._closed = False
         self._wakeup = threading.Condition()
         self._worker = threading.Thread(target=self._work, name="glmtune-engine", daemon=True)
         self._worker.start()
@@ -127,9 +138,7 @@ class Engine:
         """Load what the config names: a base model, or a base plus a glmtune adapter/checkpoint."""
         tuned = trained_weights_folder(config) is not None or bool(config.ptuning_checkpoint)
         bundle = load_for_inference(config)
-        named = config.adapter_name_or_path or config.ptuning_checkpoint or config.model_name_or_path
-        name = Path(named).name if named else "gemma-3-270m"
-        return cls(bundle, config, tuned, name)
+        return cls(bundle, config, tuned, model_name(config))
 
     # ---- prompts and settings ----
 
@@ -178,7 +187,8 @@ class Engine:
 
     def stream(self, prompt_ids: list[int], settings: GenerationSettings, base: bool = False) -> Iterator[str]:
         """Text pieces as they are generated. Closing the iterator (or Ctrl-C while waiting) cancels the job."""
-        outputs: queue.Queue[Output] = queue.Queue()
+        # SimpleQueue: a Ctrl-C landing inside get() cannot leave a lock held that the worker's put() needs.
+        outputs: queue.SimpleQueue[Output] = queue.SimpleQueue()
         job = self.submit(prompt_ids, settings, outputs.put, base)
         try:
             while True:
@@ -192,26 +202,38 @@ class Engine:
         finally:
             job.cancelled.set()
 
+    def close(self) -> None:
+        """Cancel every job and stop the worker, so the process never exits in the middle of a forward pass."""
+        with self._wakeup:
+            self._closed = True
+            for job in [*self._pending, *self._running]:
+                job.cancelled.set()
+                job.deliver(Output(error="the model was shut down"))
+            self._pending.clear()
+            self._wakeup.notify()
+        self._worker.join()
+
     # ---- the worker ----
 
-    def _next_batch(self) -> list[Job]:
+    def _next_batch(self) -> list[Job] | None:
         with self._wakeup:
-            while not self._pending:
+            while not self._pending and not self._closed:
                 self._wakeup.wait()
-            first = self._pending.popleft()
-            key = first.batch_key()
-            if key is None:
-                return [first]
-            batch, others = [first], deque()
-            while self._pending:
+            if self._closed:
+                return None
+            batch = [self._pending.popleft()]
+            key = batch[0].batch_key()
+            others: deque[Job] = deque()
+            while key is not None and self._pending:
                 job = self._pending.popleft()
                 (batch if job.batch_key() == key and len(batch) < MAX_BATCH else others).append(job)
             self._pending.extendleft(reversed(others))
+            self._running = batch
             return batch
 
     def _work(self) -> None:
-        while True:
-            batch = [job for job in self._next_batch() if not job.cancelled.is_set()]
+        while (batch := self._next_batch()) is not None:
+            batch = [job for job in batch if not job.cancelled.is_set()]
             if not batch:
                 continue
             try:
@@ -236,7 +258,8 @@ class Engine:
             active.discard(row)
             batch[row].deliver(Output(decoders[row].flush(), finish_reason=reason))
 
-        steps = iter_generate(model, [j.prompt_ids for j in batch], pad_id(self.tokenizer), self.stop_ids, settings, generator)
+        prompts = [job.prompt_ids for job in batch]
+        steps = iter_generate(model, prompts, pad_id(self.tokenizer), self.stop_ids, settings, generator)
         for tokens in steps:
             for row in sorted(active):
                 job, token = batch[row], int(tokens[row])

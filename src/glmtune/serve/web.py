@@ -31,7 +31,7 @@ def history_pairs(history: list[dict]) -> list[tuple[str, str]]:
     query = None
     for message in history:
         if message["role"] == "user":
-            query = _text(message["content"]) if query is None else f"{query}\n{_text(message['content'])}"
+            query = _text(message["content"]) if query is None else f"{query}\n\n{_text(message['content'])}"
         elif message["role"] == "assistant" and query is not None:
             pairs.append((query, _text(message["content"])))
             query = None
@@ -71,7 +71,9 @@ def build_demo(engine: Engine):
     return gr.ChatInterface(
         respond, additional_inputs=controls, additional_inputs_accordion=gr.Accordion("Settings", open=True),
         title=f"glmtune: {engine.name}", analytics_enabled=False, concurrency_limit=MAX_BATCH,
-        chatbot=gr.Chatbot(label=engine.name, elem_id="chatbot"), textbox=gr.Textbox(placeholder="Message", elem_id="message"),
+        # Plain text: prompts in the ADGEN style ("类型#裙*风格#文艺") are not Markdown.
+        chatbot=gr.Chatbot(label=engine.name, elem_id="chatbot", render_markdown=False),
+        textbox=gr.Textbox(placeholder="Message", elem_id="message"),
     )
 
 
