@@ -14,8 +14,7 @@ from glmtune.errors import GlmtuneError
 from glmtune.export import run_export
 from glmtune.export.to_gguf import write_gguf
 from glmtune.recipes.common import load_for_inference
-from glmtune.recipes.train import run_train
-from tiny_models import DEMO_TRAIN, build_model_folder, build_tokenizer, corpus_texts
+from tiny_models import build_model_folder, build_tokenizer, corpus_texts, train_tiny
 
 TEXT = "类型#上衣*颜色#白色 hello"
 
@@ -34,15 +33,6 @@ def tiny_gemma3(folder: Path) -> Path:
     return folder
 
 
-def train(model: Path, output: Path, method: str) -> Path:
-    run_train(GlmtuneConfig(
-        do_train=True, model_name_or_path=str(model), train_file=str(DEMO_TRAIN), output_dir=str(output),
-        finetuning_type=method, pre_seq_len=4, freeze_trainable_layers=1, max_steps=3, save_steps=0,
-        learning_rate={"ptuning": 0.5}.get(method, 5e-2), max_train_samples=8, report_to="none",
-    ))
-    return output
-
-
 @torch.no_grad()
 def logits(model, tokenizer_folder: Path) -> torch.Tensor:
     ids = AutoTokenizer.from_pretrained(tokenizer_folder)(TEXT, return_tensors="pt")["input_ids"]
@@ -57,7 +47,7 @@ def gemma3(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("architecture", ["llama", "gemma3"])
 def test_lora_merges_into_a_plain_folder_and_a_gguf(architecture, tiny_llama, gemma3, tmp_path):
     base = tiny_llama if architecture == "llama" else gemma3
-    config = GlmtuneConfig(model_name_or_path=str(base), adapter_name_or_path=str(train(base, tmp_path / "lora", "lora")))
+    config = GlmtuneConfig(model_name_or_path=str(base), adapter_name_or_path=str(train_tiny(base, tmp_path / "lora", "lora")))
     expected = logits(load_for_inference(config).model, base)
     assert not torch.allclose(expected, logits(AutoModelForCausalLM.from_pretrained(base), base), atol=1e-3)
 
@@ -71,7 +61,7 @@ def test_lora_merges_into_a_plain_folder_and_a_gguf(architecture, tiny_llama, ge
 
 @pytest.mark.parametrize("method", ["freeze", "full"])
 def test_freeze_and_full_checkpoints_export_as_plain_folders(method, tiny_llama, tmp_path):
-    run = train(tiny_llama, tmp_path / method, method)
+    run = train_tiny(tiny_llama, tmp_path / method, method)
     config = GlmtuneConfig(model_name_or_path=str(tiny_llama), adapter_name_or_path=str(run))
     expected = logits(load_for_inference(config).model, tiny_llama)
     folder = run_export(config, str(tmp_path / "out"))
@@ -95,7 +85,7 @@ def test_smaller_gguf_types_stay_close(gguf_type, tolerance, tiny_llama, tmp_pat
 
 def test_ptuning_exports_a_self_contained_glmtune_folder(tmp_path):
     base = build_model_folder(tmp_path / "base", "llama")
-    run = train(base, tmp_path / "ptuning", "ptuning")
+    run = train_tiny(base, tmp_path / "ptuning", "ptuning")
     config = GlmtuneConfig(model_name_or_path=str(base), adapter_name_or_path=str(run))
     expected = logits(load_for_inference(config).model, base)
     with pytest.raises(GlmtuneError, match="no GGUF form"):

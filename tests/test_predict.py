@@ -9,19 +9,9 @@ from glmtune.config import GlmtuneConfig
 from glmtune.eval.metrics import compute_metrics
 from glmtune.recipes.predict import run_compare, run_predict
 from glmtune.recipes.train import run_train
-from tiny_models import DEMO_TRAIN
+from tiny_models import DEMO_TRAIN, train_tiny
 
 DEMO_DEV = DEMO_TRAIN.with_name("demo_dev.jsonl")
-
-
-def trained(model: Path, output: Path, method: str) -> Path:
-    # Large steps, so the trained weights surely change what greedy decoding picks.
-    run_train(GlmtuneConfig(
-        do_train=True, model_name_or_path=str(model), train_file=str(DEMO_TRAIN), output_dir=str(output),
-        finetuning_type=method, pre_seq_len=4, freeze_trainable_layers=1, max_steps=6, save_steps=3,
-        learning_rate={"ptuning": 0.5}.get(method, 5e-2), max_train_samples=16, report_to="none",
-    ))
-    return output
 
 
 def predict(output_dir: Path, **overrides) -> list[dict]:
@@ -50,7 +40,7 @@ def test_predict_writes_the_seed_files(tiny_llama, tmp_path):
 
 @pytest.mark.parametrize("method", ["lora", "ptuning", "freeze"])
 def test_each_checkpoint_kind_changes_outputs(tiny_llama, tmp_path, method):
-    output = trained(tiny_llama, tmp_path / method, method)
+    output = train_tiny(tiny_llama, tmp_path / method, method, steps=6, save_steps=3, samples=16)
     base = [r["predict"] for r in predict(tmp_path / "p-base", model_name_or_path=str(tiny_llama))]
     from_adapter_flag = [r["predict"] for r in predict(tmp_path / "p-adapter", model_name_or_path=str(tiny_llama),
                                                         adapter_name_or_path=str(output / "checkpoint-3"))]
@@ -64,7 +54,7 @@ def test_each_checkpoint_kind_changes_outputs(tiny_llama, tmp_path, method):
 
 
 def test_compare_writes_markdown_and_html(tiny_llama, tmp_path):
-    output = trained(tiny_llama, tmp_path / "lora", "lora")
+    output = train_tiny(tiny_llama, tmp_path / "lora", "lora", steps=6, save_steps=3, samples=16)
     config = GlmtuneConfig(model_name_or_path=str(tiny_llama), test_file=str(DEMO_DEV), output_dir=str(tmp_path / "cmp"),
                            max_predict_samples=3, max_new_tokens=6)
     text = run_compare(config, [str(output)], names=["before", "after"])

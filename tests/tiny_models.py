@@ -52,3 +52,16 @@ def build_model_folder(folder: Path, architecture: str, seed: int = 0) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def train_tiny(model: Path, output: Path, method: str, steps: int = 3, save_steps: int = 0, samples: int = 8) -> Path:
+    """A quick fine-tune on the demo data, with steps large enough to change what greedy decoding picks."""
+    from glmtune.config import GlmtuneConfig
+    from glmtune.recipes.train import run_train
+
+    run_train(GlmtuneConfig(
+        do_train=True, model_name_or_path=str(model), train_file=str(DEMO_TRAIN), output_dir=str(output),
+        finetuning_type=method, pre_seq_len=4, freeze_trainable_layers=1, max_steps=steps, save_steps=save_steps,
+        learning_rate={"ptuning": 0.5}.get(method, 5e-2), max_train_samples=samples, report_to="none",
+    ))
+    return output

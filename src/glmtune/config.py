@@ -146,8 +146,6 @@ class GlmtuneConfig:
 
 def parse_config(argv: list[str] | None = None) -> GlmtuneConfig:
     """Flags, optionally on top of `--config file.yaml` (flags win over the file)."""
-    from transformers import HfArgumentParser
-
     import argparse
 
     from transformers import HfArgumentParser

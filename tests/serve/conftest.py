@@ -6,12 +6,12 @@ import pytest
 
 from glmtune.config import GlmtuneConfig
 from glmtune.serve.engine import Engine
-from serve_helpers import train
+from tiny_models import train_tiny
 
 
 @pytest.fixture(scope="session")
 def lora_run(tiny_llama, tmp_path_factory) -> Path:
-    return train(tiny_llama, tmp_path_factory.mktemp("serve") / "lora", "lora")
+    return train_tiny(tiny_llama, tmp_path_factory.mktemp("serve") / "lora", "lora")
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,8 @@ from glmtune.config import GlmtuneConfig
 from glmtune.errors import GlmtuneError
 from glmtune.eval.generation import GenerationSettings, generate_texts
 from glmtune.serve.engine import Engine, IncrementalDecoder, Output
-from serve_helpers import QUERY, answer, train
+from serve_helpers import QUERY, answer
+from tiny_models import train_tiny
 
 
 class ByteTokenizer:
@@ -80,7 +81,7 @@ def test_closing_a_stream_cancels_its_job(lora_engine):
 
 @pytest.mark.parametrize("method", ["lora", "ptuning", "freeze"])
 def test_base_view_answers_like_the_untrained_model(tiny_llama, tmp_path, method, request):
-    run = request.getfixturevalue("lora_run") if method == "lora" else train(tiny_llama, tmp_path / method, method)
+    run = request.getfixturevalue("lora_run") if method == "lora" else train_tiny(tiny_llama, tmp_path / method, method)
     tuned = Engine.from_config(GlmtuneConfig(model_name_or_path=str(tiny_llama), adapter_name_or_path=str(run),
                                              max_new_tokens=10))
     plain = Engine.from_config(GlmtuneConfig(model_name_or_path=str(tiny_llama), max_new_tokens=10))
