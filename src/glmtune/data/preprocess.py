@@ -66,12 +66,7 @@ def build_examples(
     if tokenizer.eos_token_id is None and not template.answer_has_end_marker:
         raise GlmtuneError("the tokenizer has no EOS token; set one or use a chat template")
     examples = [encode_conversation(c, tokenizer, template, max_source_length, max_target_length) for c in conversations]
-    # An answer of only EOS teaches nothing but to stop: it means the answer text was empty or cut away.
-    # (ChatGLM-6B's targets also hold <sop>, so it needs one more.)
-    minimum = 1 if template.answer_has_end_marker else 2
-    if isinstance(template, NativeChatGLMTemplate) and template.tokenizer.__class__.__name__ == "ChatGLMTokenizer":
-        minimum = 3
-    kept = [e for e in examples if e.answer_tokens >= minimum]
+    kept = [e for e in examples if e.answer_tokens >= template.minimum_answer_labels]
     if not kept:
         raise GlmtuneError(
             f"no example has answer tokens left after truncation (max_target_length={max_target_length}); "

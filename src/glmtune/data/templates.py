@@ -27,6 +27,9 @@ class Template:
     answer_has_end_marker = False
     #: Whether the first prompt already contains the BOS text.
     prompt_has_bos = False
+    #: Labelled tokens an example needs to teach anything: an answer of only EOS means its text was
+    #: empty or cut away.
+    minimum_answer_labels = 2
 
     def __init__(self, name: str):
         if name not in ("chatglm", "plain"):
@@ -66,6 +69,7 @@ class ChatTemplate(Template):
 
     answer_has_end_marker = True
     prompt_has_bos = True
+    minimum_answer_labels = 1
 
     def __init__(self, tokenizer):
         self.name = "chat"
@@ -111,8 +115,12 @@ class NativeChatGLMTemplate(Template):
     """
 
     def __init__(self, tokenizer):
+        from glmtune.models.chatglm import ChatGLMTokenizer
+
         self.name = "chatglm-native"
         self.tokenizer = tokenizer
+        # ChatGLM-6B's targets also hold <sop> before the answer, so it needs one more.
+        self.minimum_answer_labels = 3 if isinstance(tokenizer, ChatGLMTokenizer) else 2
 
     @staticmethod
     def history(conversation: Conversation) -> list[tuple[str, str]]:

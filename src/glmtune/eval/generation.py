@@ -18,7 +18,7 @@ from transformers import DynamicCache
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 from glmtune.errors import GlmtuneError
-from glmtune.methods.ptuning import PrefixTuningModel, _cache_argument, prefix_positions
+from glmtune.methods.ptuning import PrefixTuningModel, cache_argument_name, prefix_positions
 
 
 @dataclass
@@ -82,7 +82,7 @@ def iter_generate(
     positions = prefix_positions(attention_mask)
     stop = torch.tensor(stop_ids, device=device)
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    cache_kwargs = {_cache_argument(_innermost(model)): cache}
+    cache_kwargs = {cache_argument_name(_innermost(model)): cache}
     step_input = input_ids
     for _ in range(settings.max_new_tokens):
         logits = runner(

@@ -56,7 +56,7 @@ class _PrefixLayer(DynamicLayer):
         return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
 
 
-def _cache_argument(model: nn.Module) -> str:
+def cache_argument_name(model: nn.Module) -> str:
     """transformers 5.24 renamed ``past_key_values`` to ``cache``; 5.17 (our GPU machine) has the old name."""
     import inspect
 
@@ -80,7 +80,7 @@ class PrefixTuningModel(nn.Module):
         kv_size = self.num_layers * 2 * self.kv_heads * self.head_dim
         self.prefix_encoder = PrefixEncoder(pre_seq_len, kv_size, hidden, projection, projection_hidden or hidden)
         self.register_buffer("prefix_tokens", torch.arange(pre_seq_len), persistent=False)
-        self.cache_argument = _cache_argument(base_model)
+        self.cache_argument = cache_argument_name(base_model)
 
     @property
     def device(self) -> torch.device:
