@@ -59,8 +59,10 @@ def model_config(tiny: bool) -> ChatGLMConfig:
     return ChatGLMConfig()  # the defaults are ChatGLM-6B's
 
 
-def build(config: ChatGLMConfig, device: str, dtype: torch.dtype, bits: int | None, backend: str = "glmtune"):
-    """A random-init model on ``device``, its decoder linears quantized by ``backend`` when ``bits`` is set."""
+def build(config: ChatGLMConfig, device: str, dtype: torch.dtype, bits: int | None, backend: str = "glmtune",
+          embeddings: bool = True):
+    """A random-init model on ``device``, its decoder linears quantized by ``backend`` when ``bits`` is set
+    (glmtune: with ``embeddings``, the word embeddings and LM head as int8 too)."""
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -70,7 +72,7 @@ def build(config: ChatGLMConfig, device: str, dtype: torch.dtype, bits: int | No
     finally:
         torch.set_default_dtype(default)
     if bits and backend == "glmtune":
-        quantize_model(model, bits)
+        quantize_model(model, bits, embeddings=embeddings)
     elif bits:
         bnb_nf4(model, dtype)
     return model
@@ -125,7 +127,7 @@ def fresh(device: str) -> None:
 
 
 def train_run(config, device, dtype, method, bits, micro, accumulation, args, checkpointing=False, backend="glmtune",
-              compile_layers=False) -> dict:
+              compile_layers=False, embeddings=True) -> dict:
     from glmtune.config import GlmtuneConfig
     from glmtune.memory import estimate_memory
     from glmtune.methods import get_method
@@ -136,7 +138,7 @@ def train_run(config, device, dtype, method, bits, micro, accumulation, args, ch
         eos_token_id = config.eos_token_id
 
     fresh(device)
-    model = build(config, device, dtype, bits, backend)
+    model = build(config, device, dtype, bits, backend, embeddings)
     weights = torch.cuda.memory_allocated() if device == "cuda" else None
     run_config = GlmtuneConfig(
         finetuning_type=method, lora_rank=8, lora_alpha=32, lora_dropout=0.1, lora_target="query_key_value",
@@ -153,9 +155,11 @@ def train_run(config, device, dtype, method, bits, micro, accumulation, args, ch
     log = [json.loads(line) for line in (Path(run_config.output_dir) / "train_log.jsonl").read_text().splitlines()]
     estimate = estimate_memory(config, method, bits, micro, SOURCE, TARGET, pre_seq_len=PRE_SEQ_LEN, lora_rank=8,
                                lora_target="query_key_value", lora_dropout=0.1, gradient_checkpointing=checkpointing,
-                               dtype="bfloat16" if dtype == torch.bfloat16 else "float32", device=device)
+                               dtype="bfloat16" if dtype == torch.bfloat16 else "float32", device=device,
+                               quantize_embeddings=embeddings)
     entry = {"method": method, "bits": bits, "backend": backend, "micro_batch": micro, "accumulation": accumulation,
-             "gradient_checkpointing": checkpointing, "torch_compile": compile_layers, **memory(device),
+             "gradient_checkpointing": checkpointing, "torch_compile": compile_layers,
+             "quantize_embeddings": bool(bits) and embeddings and backend == "glmtune", **memory(device),
              "tokens_per_s": round(statistics.median(e["tokens_per_s"] for e in log[args.warmup:]), 1),
              "final_loss": round(result.losses[-1], 4),
              "weights": _size(weights), "estimate_weights": _size(estimate["weights"]),
@@ -165,9 +169,9 @@ def train_run(config, device, dtype, method, bits, micro, accumulation, args, ch
 
 
 @torch.no_grad()
-def generate_run(config, device, dtype, bits, batch_sizes, backend="glmtune") -> list[dict]:
+def generate_run(config, device, dtype, bits, batch_sizes, backend="glmtune", embeddings=True) -> list[dict]:
     fresh(device)
-    model = build(config, device, dtype, bits, backend).eval()
+    model = build(config, device, dtype, bits, backend, embeddings).eval()
     generator = torch.Generator().manual_seed(1)
     entries = []
     for batch in batch_sizes:
@@ -182,7 +186,8 @@ def generate_run(config, device, dtype, bits, batch_sizes, backend="glmtune") ->
         model.generate(input_ids, max_new_tokens=TARGET, eos_token_id=[], pad_token_id=config.pad_token_id)
         sync()
         seconds = time.perf_counter() - start
-        entries.append({"bits": bits, "backend": backend, "batch": batch, **memory(device),
+        entries.append({"bits": bits, "backend": backend, "batch": batch,
+                        "quantize_embeddings": bool(bits) and embeddings and backend == "glmtune", **memory(device),
                         "generated_tokens_per_s": round(batch * TARGET / seconds, 1)})
     del model
     return entries
@@ -195,6 +200,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--budget", type=float, default=360, help="start no new run after this many seconds")
+    parser.add_argument("--bits", default="bf16,8,4", help="which of bf16,8,4 to run")
     args = parser.parse_args()
     global unit
     unit = "MiB" if args.tiny else "GiB"
@@ -208,20 +214,26 @@ def main() -> None:
     config = model_config(args.tiny)
     started = time.perf_counter()
 
-    # (kind, method, bits, micro-batch, gradient checkpointing, backend, torch.compile), most wanted first
-    runs = [("train", method, bits, micro, False, "glmtune", False)
-            for bits in (None, 8, 4) for method in ("ptuning", "lora") for micro in (1, 16)]
-    runs += [("generate", None, bits, None, False, "glmtune", False) for bits in (None, 8, 4)]
+    bit_settings = [None if b == "bf16" else int(b) for b in args.bits.split(",")]
+    # (kind, method, bits, micro-batch, gradient checkpointing, backend, torch.compile, quantize embeddings),
+    # most wanted first
+    runs = [("train", method, bits, micro, False, "glmtune", False, True)
+            for bits in bit_settings for method in ("ptuning", "lora") for micro in (1, 16)]
+    runs += [("generate", None, bits, None, False, "glmtune", False, True) for bits in bit_settings]
+    if 4 in bit_settings:  # what int8 vocabulary matrices save: the same runs with them in bf16
+        runs += [("train", method, 4, 1, False, "glmtune", False, False) for method in ("ptuning", "lora")]
+        runs += [("generate", None, 4, None, False, "glmtune", False, False)]
     if args.bnb:
-        runs += [("train", "lora", 4, micro, False, "bnb", False) for micro in (1, 16)]
-        runs += [("generate", None, 4, None, False, "bnb", False)]
-    runs += [("train", "lora", 4, 16, True, "glmtune", False), ("train", "lora", 4, 16, False, "glmtune", True)]
+        runs += [("train", "lora", 4, micro, False, "bnb", False, False) for micro in (1, 16)]
+        runs += [("generate", None, 4, None, False, "bnb", False, False)]
+    runs += [("train", "lora", 4, 16, True, "glmtune", False, True), ("train", "lora", 4, 16, False, "glmtune", True, True)]
 
     results = {"env": environment(), "args": vars(args), "unit": unit, "seed_style_bf16_tokens_per_s": SEED_BASELINE_TOKENS_PER_S,
                "train": [], "generate": [], "skipped": []}
-    for kind, method, bits, micro, checkpointing, backend, compile_layers in runs:
+    for kind, method, bits, micro, checkpointing, backend, compile_layers, embeddings in runs:
         accumulation = 16 // micro if micro else None
         flags = (" gc" if checkpointing else "") + (" compile" if compile_layers else "")
+        flags += " bf16-vocab" if bits and backend == "glmtune" and not embeddings else ""
         shape = f"{method} bs{micro}x{accumulation}{flags}" if kind == "train" else "bs1,32"
         name = f"{kind} {bits or 'bf16'} {backend} {shape}"
         if time.perf_counter() - started > args.budget:
@@ -229,10 +241,10 @@ def main() -> None:
             continue
         if kind == "train":
             entry = train_run(config, device, dtype, method, bits, micro, accumulation, args, checkpointing, backend,
-                              compile_layers)
+                              compile_layers, embeddings)
             results["train"].append(entry)
         else:
-            entry = generate_run(config, device, dtype, bits, (1, 32), backend)
+            entry = generate_run(config, device, dtype, bits, (1, 32), backend, embeddings)
             results["generate"] += entry
         print(name, entry, flush=True)
         write_json("quantization_memory.json", results)
@@ -240,13 +252,18 @@ def main() -> None:
     print(f"\nseed-style bf16 baseline: {SEED_BASELINE_TOKENS_PER_S:,} tokens/s (Llama proxy, HF Trainer + PEFT LoRA, bs1×ga16)")
     print(f"| method | bits | backend | micro×accum | flags | peak alloc {unit} | reserved {unit} | estimate {unit} | tokens/s | weights {unit} (est.) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
+
+    def flags(e: dict) -> str:
+        return " ".join(f for f, on in (("GC", e.get("gradient_checkpointing")), ("compile", e.get("torch_compile")),
+                                        ("bf16 vocab", e["bits"] and e["backend"] == "glmtune" and not e["quantize_embeddings"])) if on)
+
     for e in results["train"]:
         print(f"| {e['method']} | {e['bits'] or 'bf16'} | {e['backend']} | {e['micro_batch']}×{e['accumulation']} | "
-              f"{'GC ' if e['gradient_checkpointing'] else ''}{'compile' if e['torch_compile'] else ''} | {e.get('peak_alloc')} | {e.get('peak_reserved')} | "
+              f"{flags(e)} | {e.get('peak_alloc')} | {e.get('peak_reserved')} | "
               f"{e['estimate_peak']} | {e['tokens_per_s']:,.0f} | {e['weights']} ({e['estimate_weights']}) |")
-    print(f"\n| generation | bits | backend | batch | peak alloc {unit} | reserved {unit} | generated tokens/s |\n|---|---|---|---|---|---|---|")
+    print(f"\n| generation | bits | backend | flags | batch | peak alloc {unit} | reserved {unit} | generated tokens/s |\n|---|---|---|---|---|---|---|---|")
     for e in results["generate"]:
-        print(f"| 64 → 64 greedy | {e['bits'] or 'bf16'} | {e['backend']} | {e['batch']} | {e.get('peak_alloc')} | "
+        print(f"| 64 → 64 greedy | {e['bits'] or 'bf16'} | {e['backend']} | {flags(e)} | {e['batch']} | {e.get('peak_alloc')} | "
               f"{e.get('peak_reserved')} | {e['generated_tokens_per_s']:,.0f} |")
     if results["skipped"]:
         print(f"\nskipped (over --budget {args.budget:.0f}s): {', '.join(results['skipped'])}")

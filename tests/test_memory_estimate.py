@@ -18,7 +18,7 @@ from glmtune.memory import estimate_for, estimate_memory, format_estimate
 from glmtune.methods import get_method
 from glmtune.models.chatglm import ChatGLMConfig
 from glmtune.models.loading import load_model
-from glmtune.models.quantization import QuantizedLinear
+from glmtune.models.quantization import QuantizedEmbedding, QuantizedLinear
 from glmtune.train.trainer import enable_gradient_checkpointing
 
 sys.path.insert(0, str(Path(__file__).parent / "chatglm"))
@@ -56,7 +56,8 @@ class AllocationTracker(TorchDispatchMode):
 
 def frozen_bytes(model: torch.nn.Module) -> int:
     parameters = sum(p.nbytes for p in model.parameters() if not p.requires_grad)
-    return parameters + sum(m.weight.nbytes + m.weight_scale.nbytes for m in model.modules() if isinstance(m, QuantizedLinear))
+    quantized = (QuantizedLinear, QuantizedEmbedding)
+    return parameters + sum(m.weight.nbytes + m.weight_scale.nbytes for m in model.modules() if isinstance(m, quantized))
 
 
 def apply_method(model: torch.nn.Module, method: str, pre_seq_len: int):
@@ -98,12 +99,20 @@ def test_weight_term_on_native_chatglm(tmp_path, version, bits):
 def test_chatglm_6b_weights_by_hand():
     layer_linears = 28 * 4096 * (3 * 4096 + 4096 + 2 * 16384)  # query_key_value, dense, the two MLP linears
     rows = 28 * (3 * 4096 + 4096 + 16384 + 4096)
-    rest = 2 * 130528 * 4096 + 28 * (4 * 4096 + 3 * 4096 + 4096 + 16384 + 4096) + 2 * 4096  # embeddings, lm_head, norms, biases
-    expected = {None: 2 * (layer_linears + rest), 8: layer_linears + 4 * rows + 2 * rest,
-                4: layer_linears // 2 + 4 * layer_linears // 64 + 2 * rest}
-    for bits, weights in expected.items():
-        assert estimate_memory(ChatGLMConfig(), "lora", bits)["weights"] == weights
-    assert round(expected[4] / 2**30, 2) == 4.95
+    vocabulary = 2 * 130528 * 4096  # word embeddings and lm_head
+    rest = 28 * (4 * 4096 + 3 * 4096 + 4096 + 16384 + 4096) + 2 * 4096  # norms, biases
+    int8_vocabulary = vocabulary + 4 * 2 * 130528  # int8 and a float32 scale per row
+    expected = {
+        (None, True): 2 * (layer_linears + vocabulary + rest),
+        (8, True): layer_linears + 4 * rows + int8_vocabulary + 2 * rest,
+        (4, True): layer_linears // 2 + 2 * layer_linears // 64 + int8_vocabulary + 2 * rest,  # bf16 group scales
+        (4, False): layer_linears // 2 + 2 * layer_linears // 64 + 2 * (vocabulary + rest),
+    }
+    for (bits, embeddings), weights in expected.items():
+        assert estimate_memory(ChatGLMConfig(), "lora", bits, quantize_embeddings=embeddings)["weights"] == weights
+    assert round(expected[4, True] / 2**30, 2) == 3.79
+    float32_base = layer_linears // 2 + 4 * layer_linears // 64 + int8_vocabulary + 4 * rest  # float32 group scales
+    assert estimate_memory(ChatGLMConfig(), "lora", 4, dtype="float32")["weights"] == float32_base
 
 
 def measure_training_step(folder: Path, method: str, checkpointing: bool, batch: int, length: int) -> int:

@@ -14,14 +14,18 @@ from glmtune.config import GlmtuneConfig
 from glmtune.errors import GlmtuneError
 from glmtune.methods import get_method
 from glmtune.models.loading import load_model
+from glmtune.models import quantization
 from glmtune.models.quantization import (
     GROUP_SIZE,
     NF4_LEVELS,
+    QuantizedEmbedding,
     QuantizedLinear,
     dequantize,
     dequantize_weight,
     group_size,
+    is_quantized,
     quantize_weight,
+    vocabulary_modules,
 )
 from glmtune.recipes.common import load_for_inference
 from glmtune.recipes.train import run_train
@@ -37,6 +41,10 @@ HALF_STEP = {8: 0.5 / 127, 4: max(b - a for a, b in zip(NF4_LEVELS, NF4_LEVELS[1
 
 def quantized_linears(model: nn.Module) -> dict[str, QuantizedLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+
+
+def quantized_modules(model: nn.Module) -> dict[str, QuantizedLinear | QuantizedEmbedding]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding))}
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -65,19 +73,25 @@ def test_quantized_logits_are_close_to_full_precision(tiny_model, bits):
     ids = sample_ids(full)
     with torch.no_grad():
         expected, actual = full(input_ids=ids).logits, quantized(input_ids=ids).logits
-    originals = {name: full.get_submodule(name).weight for name in quantized_linears(quantized)}
-    assert originals and not any(name.endswith(("lm_head", "embed_tokens")) for name in originals)
-    squared_error = sum((m.dequantize(torch.float32) - originals[n]).pow(2).sum() for n, m in quantized_linears(quantized).items())
+    modules = quantized_modules(quantized)
+    originals = {name: full.get_submodule(name).weight for name in modules}
+    # The layers' linears at `bits`; the untied vocabulary matrices (the Llama's, not Gemma's tied and
+    # scaled one) at 8 bits.
+    vocabulary = vocabulary_modules(full)
+    assert len(vocabulary) == (2 if tiny_model.name.startswith("llama") else 0) and set(vocabulary) <= set(modules)
+    assert all(getattr(m, "bits", 8) == (8 if n in vocabulary else bits) for n, m in modules.items())
+    squared_error = sum((m.dequantize(torch.float32) - originals[n]).pow(2).sum() for n, m in modules.items())
     squared_norm = sum(w.pow(2).sum() for w in originals.values())
     weight_error = (squared_error / squared_norm).sqrt().item()
     # Each weight moves by at most HALF_STEP times the absmax of its row (8 bits) or group (4 bits), so
-    # the weights' relative error is at most HALF_STEP * sqrt(sum of absmax^2 over the weights / |W|^2).
-    squared_bound = sum(
-        (w.view(w.shape[0], -1, group_size(w.shape[1]) if bits == 4 else w.shape[1]).abs().amax(-1) ** 2).sum()
-        * (group_size(w.shape[1]) if bits == 4 else w.shape[1])
-        for w in originals.values()
-    )
-    assert weight_error <= HALF_STEP[bits] * (squared_bound / squared_norm).sqrt().item()
+    # the weights' relative error is at most sqrt(sum over weights of (HALF_STEP * absmax)^2 / |W|^2).
+    squared_bound = 0.0
+    for name, module in modules.items():
+        weight, module_bits = originals[name], getattr(module, "bits", 8)
+        group = group_size(weight.shape[1]) if module_bits == 4 else weight.shape[1]
+        absmax = weight.view(weight.shape[0], -1, group).abs().amax(-1)
+        squared_bound += (HALF_STEP[module_bits] * absmax).pow(2).sum().item() * group
+    assert weight_error <= (squared_bound / squared_norm.item()) ** 0.5
     # To first order each linear's output moves by the weights' relative error; the errors of the dozen
     # linears of two layers add up and the norms amplify them a little: measured 1.0-2.9x the weight
     # error on the tiny Llama, Gemma and ChatGLM models (8 bits: ~1% of the logits, 4 bits: 9-24%).
@@ -85,6 +99,51 @@ def test_quantized_logits_are_close_to_full_precision(tiny_model, bits):
     # The forward computes exactly with the dequantized weights: no error beyond the rounding.
     with torch.no_grad():
         assert torch.allclose(dequantize(quantized)(input_ids=ids).logits, actual, atol=1e-5)
+    assert not is_quantized(quantized)
+
+
+def test_vocabulary_quantization_can_be_turned_off(tiny_llama):
+    model = load_model(str(tiny_llama), dtype="float32", device="cpu", quantization_bit=4, quantize_embeddings=False)
+    assert type(model.get_input_embeddings()) is nn.Embedding and type(model.get_output_embeddings()) is nn.Linear
+    assert all(m.bits == 4 for m in quantized_modules(model).values())
+
+
+def test_lm_head_in_row_slices_equals_one_matmul(tiny_llama, monkeypatch):
+    """A weight bigger than CHUNK_ELEMENTS is dequantized and multiplied a slice at a time: same outputs and gradients."""
+    model = load_model(str(tiny_llama), dtype="float32", device="cpu", quantization_bit=4)
+    head = model.get_output_embeddings()
+    assert isinstance(head, QuantizedLinear) and head.bits == 8
+    x = torch.randn(2, 5, head.in_features)
+    results = []
+    for chunk in (head.in_features * head.out_features, head.in_features * 7):  # one slice; slices of 7 rows
+        monkeypatch.setattr(quantization, "CHUNK_ELEMENTS", chunk)
+        assert len(head.row_slices()) == (1 if chunk > head.in_features * 7 else -(-head.out_features // 7))
+        leaf = x.clone().requires_grad_()
+        output = head(leaf)
+        output.pow(2).sum().backward()
+        results.append((output.detach(), leaf.grad))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    torch.testing.assert_close(results[1][1], results[0][1])
+    torch.testing.assert_close(results[0][0], x @ head.dequantize(torch.float32).T)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_compiled_dequantization_equals_eager(bits):
+    """On CUDA the dequantization runs compiled (``_dequantizer``); the compiled function computes the same weights."""
+    weight = torch.randn(24, 2 * GROUP_SIZE, dtype=torch.bfloat16)
+    codes, scale = quantize_weight(weight, bits)
+    pairs = quantization.nf4_pairs() if bits == 4 else None
+    eager = dequantize_weight(codes, scale, bits, torch.bfloat16, pairs)
+    try:
+        compiled = quantization._compiled_dequantize_weight()(codes, scale, bits, torch.bfloat16, pairs)
+    except Exception as error:  # inductor on CPU needs a C++ compiler
+        pytest.skip(f"torch.compile does not run here: {type(error).__name__}")
+    # Inductor rounds to bf16 once (level x scale in float32); eager rounds the level and the scale first.
+    # Both stay within a bf16 step of the exact float32 dequantization.
+    exact = dequantize_weight(codes, scale, bits, torch.float32)
+    for weights in (compiled, eager):
+        torch.testing.assert_close(weights.float(), exact, rtol=2**-7, atol=0)
+    assert (compiled.float() - exact).abs().sum() <= (eager.float() - exact).abs().sum()
 
 
 def train_steps(model: nn.Module, method_name: str, checkpointing: bool, steps: int, learning_rate: float):

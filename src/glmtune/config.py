@@ -37,6 +37,10 @@ class GlmtuneConfig:
         "Dtype of the frozen base: auto = bf16 on a GPU that has it, else float32.", default="auto"
     )
     quantization_bit: int | None = _help("Quantize the frozen base to 4 or 8 bits.", default=None)
+    quantize_embeddings: bool = _help(
+        "With --quantization_bit: store the input embedding and an untied LM head as int8 too "
+        "(--no_quantize_embeddings keeps them in the base dtype, as bitsandbytes does).", default=True
+    )
     template: Literal["auto", "chat", "chatglm", "plain"] = _help(
         "Prompt template: auto = the tokenizer's chat template if it has one, else chatglm.", default="auto"
     )

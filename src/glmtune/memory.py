@@ -5,7 +5,9 @@
 
 weights      the frozen base parameters in ``dtype``; with ``bits`` the decoder layers' linears take what
              ``QuantizedLinear`` stores: 1 byte per weight + 4 per output row (8 bits), ½ byte per weight
-             + 4 per group of 64 inputs (4 bits). Exact: counted on the model built on the meta device.
+             + 2 (half dtype; float32: 4) per group of 64 inputs (4 bits), and with ``quantize_embeddings``
+             the input embedding and untied LM head 1 byte per weight + 4 per row. Exact: counted on the
+             model built on the meta device.
 trainable    T parameters that the method trains (the method is applied to the meta model): float32
              weights, gradients and AdamW's two moments, 16·T bytes, plus the 2·T half-precision copy that
              autocast keeps. The optimizer step needs a 4·T temporary, when the activations are gone.
@@ -24,7 +26,8 @@ activations  what autograd keeps for backward, per layer and sample of S = sourc
              and holds that layer's gradients, c·(m + 2h)·S, with it.
 logits       12 bytes per token and vocabulary entry: the float32 log-softmax kept for backward and the
              two float32 gradients of the loss's backward (the trainer has dropped the logits by then).
-transient    a quantized base dequantizes one weight at a time: 2·c bytes per weight of the largest linear.
+transient    a quantized base dequantizes one weight (an LM head: one slice of rows) at a time: 2·c bytes
+             per weight of the largest.
              It happens inside the layers' backward, not with the logits, hence max(logits, transient).
 
 Assumes SDPA attention (no [S, S] score matrix is kept) and glmtune's loop (fp32 trainable weights, AdamW).
@@ -55,7 +58,7 @@ from glmtune.models.chatglm import (
 )
 from glmtune.models.introspect import decoder_layers, text_config
 from glmtune.models.loading import read_config_dict, resolve_model_source
-from glmtune.models.quantization import quantized_nbytes
+from glmtune.models.quantization import CHUNK_ELEMENTS, VOCABULARY_BITS, quantized_nbytes, vocabulary_modules
 
 ATTENTION_NAMES = {name for family in ATTENTION_PROJECTIONS for name in family}
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -126,13 +129,13 @@ def _norm_widths(layer: nn.Module, hidden: int, q: int, kv: int) -> list[int]:
     return widths
 
 
-def _weight_bytes(model: nn.Module, layers: nn.ModuleList, bits: int | None, element: int) -> int:
-    """Frozen parameters as ``load_model`` makes them: the layers' linears quantized, the rest in the base dtype."""
-    quantized = {id(m.weight): m for layer in layers for _, m in _linears(layer) if bits and not m.weight.requires_grad}
+def _weight_bytes(model: nn.Module, quantized: dict[int, int], dtype: torch.dtype) -> int:
+    """Frozen parameters as ``load_model`` makes them: those in ``quantized`` (parameter id -> bits) quantized,
+    the rest in the base dtype."""
     total = 0
     for parameter in {id(p): p for p in model.parameters() if not p.requires_grad}.values():
-        linear = quantized.get(id(parameter))
-        total += quantized_nbytes(linear.out_features, linear.in_features, bits) if linear else parameter.numel() * element
+        bits = quantized.get(id(parameter))
+        total += quantized_nbytes(*parameter.shape, bits, dtype) if bits else parameter.numel() * dtype.itemsize
     return total
 
 
@@ -154,6 +157,7 @@ def estimate_memory(
     freeze_trainable_modules: str = "mlp",
     dtype: str = "bfloat16",
     device: str = "cuda",
+    quantize_embeddings: bool = True,
 ) -> dict:
     """Expected peak training memory in bytes, by term (the formula is in the module docstring).
 
@@ -178,7 +182,13 @@ def estimate_memory(
     q, kv = _attention_widths(model, layers[0])
     mlp = _mlp_width(layers[0], hidden)
     norms = _norm_widths(layers[0], hidden, q, kv)
-    largest_linear = max(m.weight.numel() for layer in layers for _, m in _linears(layer))
+    quantized = {id(m.weight): bits for layer in layers for _, m in _linears(layer)} if bits else {}
+    if bits and quantize_embeddings:
+        quantized.update({id(model.get_submodule(name).weight): VOCABULARY_BITS for name in vocabulary_modules(model)})
+    largest_dequantized = max(
+        (min(p.numel(), CHUNK_ELEMENTS // p.shape[1] * p.shape[1]) for p in model.parameters() if id(p) in quantized),
+        default=0,
+    )
 
     config = GlmtuneConfig(
         finetuning_type=method, lora_rank=lora_rank, lora_target=lora_target, lora_dropout=lora_dropout,
@@ -190,7 +200,7 @@ def estimate_memory(
     with torch.device("meta"):
         prepared = method_object.apply(model, config)
     trained = sum(p.numel() for p in method_object.trainable_parameters(prepared).values())
-    weights = _weight_bytes(prepared, layers, bits, c)
+    weights = _weight_bytes(prepared, quantized, getattr(torch, dtype))
 
     sequence = source_length + target_length
     prefix = pre_seq_len if method == "ptuning" else 0
@@ -216,7 +226,7 @@ def estimate_memory(
             prefix_bytes += batch_size * prefix_kv * (1 if device == "cuda" else c)  # prefix dropout mask
         if gradient_checkpointing:
             prefix_bytes += copies * prefix_kv * c  # every layer's input, kept for its recomputation
-    transient = 2 * c * largest_linear if bits else 0
+    transient = 2 * c * largest_dequantized
     logits = 12 * batch_size * sequence * vocab
     if gradient_checkpointing:
         residual = 4 if isinstance(model.config, ChatGLMConfig) else c
@@ -249,6 +259,7 @@ def estimate_for(config: GlmtuneConfig, device: str = "cuda") -> dict:
         prefix_hidden_size=config.prefix_hidden_size, freeze_trainable_layers=config.freeze_trainable_layers,
         freeze_trainable_modules=config.freeze_trainable_modules,
         dtype="bfloat16" if config.torch_dtype == "auto" else config.torch_dtype, device=device,
+        quantize_embeddings=config.quantize_embeddings,
     )
 
 

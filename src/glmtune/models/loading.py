@@ -142,13 +142,15 @@ def load_model(
     device: torch.device | str | None = None,
     quantization_bit: int | None = None,
     prefix_checkpoint: str | None = None,
+    quantize_embeddings: bool = True,
 ):
     """Load a causal LM: native ChatGLM for original ChatGLM-6B/2/3 folders, transformers for the rest.
 
     ``name_or_path``: hub id, local folder (original ChatGLM folders included), ``.gguf`` file, or
     None for the bundled Gemma 3 270M. ``dtype``: a torch dtype or ``auto``/``bfloat16``/``float16``/``float32``.
     ``prefix_checkpoint``: a seed P-Tuning checkpoint (``transformer.prefix_encoder.*`` only) for a ChatGLM base.
-    ``quantization_bit``: 4 or 8 stores the decoder layers' linears quantized (``glmtune.models.quantization``).
+    ``quantization_bit``: 4 or 8 stores the decoder layers' linears quantized (``glmtune.models.quantization``),
+    and with ``quantize_embeddings`` the input embedding and LM head as int8.
     """
     device = torch.device(device) if device is not None else default_device()
     if dtype is None or isinstance(dtype, str):
@@ -171,5 +173,5 @@ def load_model(
     if quantization_bit:
         from glmtune.models.quantization import quantize_model
 
-        quantize_model(model, quantization_bit, device)
+        quantize_model(model, quantization_bit, device, embeddings=quantize_embeddings)
     return model.to(device)

@@ -1,4 +1,5 @@
-"""--quantization_bit 4|8: the frozen base's decoder-layer linears hold 8-bit or 4-bit weights.
+"""--quantization_bit 4|8: the frozen base's decoder-layer linears hold 8-bit or 4-bit weights,
+its input embedding and (untied) LM head int8 weights.
 
 Our own weight-only quantization in plain PyTorch rather than bitsandbytes or torchao, chosen by
 measurement (``benchmarks/QUANTIZATION.md``): the same code on CPU and CUDA with no extra package
@@ -8,15 +9,26 @@ alike), and no inference-layout repacking that silently stops gradients (bitsand
 - 8 bits: int8 with one absmax scale per output row, as ChatGLM's own ``quantize(8)``.
 - 4 bits: NF4 codes (QLoRA's 16 normal-quantile levels), two per byte, one absmax scale per group of
   64 inputs, as bitsandbytes' NF4 with blocksize 64 (a row whose length 64 does not divide is one group).
+  The scales are stored in the base's half dtype when it has one (float32 scales would add 1/16 byte
+  per weight: 0.16 GiB on ChatGLM-6B).
+- Vocabulary matrices (``--quantize_embeddings``, on by default): int8 per row at either setting. On
+  ChatGLM-6B they are 1.0 GiB each in bf16, as much as 14 of its 28 INT4 layers; bitsandbytes and
+  ChatGLM's ``quantize`` leave them in bf16, which is why their INT4 runs need over 5 GiB. A lookup
+  dequantizes only the rows it reads; the LM head dequantizes a slice of rows at a time. Only a plain
+  ``nn.Embedding`` and an ``nn.Linear`` head that does not share its weight are converted (Gemma's
+  scaled embedding and tied heads stay as they are).
 
 A ``QuantizedLinear`` is an ``nn.Linear`` subclass, so PEFT's LoRA wraps it like any linear and
 glmtune's module lookups see it. Its ``weight`` is an integer buffer, not a parameter: nothing can
 train it, and optimizers and dtype lookups over ``parameters()`` never meet it. Forward and backward
 each dequantize the weight for the one matmul; the autograd function saves no dequantized weight, so
-a training step holds 8-bit or 4-bit weights, not bf16 copies.
+a training step holds 8-bit or 4-bit weights, not bf16 copies. On CUDA the dequantization is one
+``torch.compile``d kernel per weight (eager, it is three kernels and two full-size temporaries).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +39,9 @@ from glmtune.models.introspect import decoder_layers
 
 BITS = (4, 8)
 GROUP_SIZE = 64
+VOCABULARY_BITS = 8
+# Dequantize at most this many weights at once (128 MiB in bf16): an LM head of 130k rows goes in slices.
+CHUNK_ELEMENTS = 2**26
 # QLoRA's NF4 levels (Dettmers et al. 2023, appendix E), the values bitsandbytes uses.
 NF4_LEVELS = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -47,15 +62,22 @@ def group_size(in_features: int) -> int:
     return GROUP_SIZE if in_features % GROUP_SIZE == 0 else in_features
 
 
-def quantized_nbytes(out_features: int, in_features: int, bits: int) -> int:
-    """Bytes a quantized ``[out, in]`` weight takes: codes plus float32 scales."""
+def scale_dtype(weight_dtype: torch.dtype, bits: int) -> torch.dtype:
+    """4-bit group scales take the base's half dtype; 8-bit row scales (one per row: negligible) stay float32."""
+    return weight_dtype if bits == 4 and weight_dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
+def quantized_nbytes(out_features: int, in_features: int, bits: int, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes a quantized ``[out, in]`` weight of base dtype ``dtype`` takes: codes plus scales."""
+    scale_bytes = torch.empty(0, dtype=scale_dtype(dtype, bits)).element_size()
     if bits == 8:
-        return out_features * in_features + 4 * out_features
-    return out_features * in_features // 2 + 4 * out_features * (in_features // group_size(in_features))
+        return out_features * in_features + scale_bytes * out_features
+    return out_features * in_features // 2 + scale_bytes * out_features * (in_features // group_size(in_features))
 
 
 def quantize_weight(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes, float32 scales) of a ``[out, in]`` weight; ``dequantize_weight`` inverts it up to the step."""
+    """(codes, scales) of a ``[out, in]`` weight; ``dequantize_weight`` inverts it up to the step."""
+    stored_scale = scale_dtype(weight.dtype, bits)
     weight = weight.detach().float()
     if bits == 8:
         scale = weight.abs().amax(dim=1, keepdim=True) / 127
@@ -69,7 +91,7 @@ def quantize_weight(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torc
     # Nearest level: levels are sorted, so compare with the midpoints between neighbours.
     codes = torch.bucketize(normalized, (levels[1:] + levels[:-1]) / 2).to(torch.uint8).view(out_features, in_features)
     packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
-    return packed, scale.squeeze(-1)
+    return packed, scale.squeeze(-1).to(stored_scale)
 
 
 def dequantize_weight(
@@ -84,21 +106,48 @@ def dequantize_weight(
     return (values * scale.to(dtype).unsqueeze(-1)).view(out_features, -1)
 
 
+@functools.cache
+def _compiled_dequantize_weight():
+    return torch.compile(dequantize_weight, dynamic=True)
+
+
+def _dequantizer(device: torch.device):
+    """The fused (compiled) dequantization on CUDA with Triton, else the eager one (CPU: tests and demos)."""
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if has_triton():
+            return _compiled_dequantize_weight()
+    return dequantize_weight
+
+
 class _QuantizedMatmul(torch.autograd.Function):
-    """``x @ W.T`` for a frozen quantized ``W``: backward dequantizes again instead of saving ``W``."""
+    """``x @ W.T`` for a frozen quantized ``W``: backward dequantizes again instead of saving ``W``.
+
+    A weight larger than ``CHUNK_ELEMENTS`` (an LM head) is dequantized and multiplied a slice of rows
+    at a time, so no full-precision copy of it ever exists.
+    """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, module: QuantizedLinear) -> torch.Tensor:
         device_type = x.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
         ctx.module, ctx.dtype, ctx.input_dtype = module, dtype, x.dtype
+        x = x.to(dtype)
         with torch.autocast(device_type, enabled=False):
-            return F.linear(x.to(dtype), module.dequantize(dtype))
+            slices = module.row_slices()
+            if len(slices) == 1:
+                return F.linear(x, module.dequantize(dtype))
+            return torch.cat([F.linear(x, module.dequantize(dtype, rows)) for rows in slices], dim=-1)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        weight = ctx.module.dequantize(ctx.dtype)
-        return (grad_output.to(ctx.dtype) @ weight).to(ctx.input_dtype), None
+        module, grad_output = ctx.module, grad_output.to(ctx.dtype)
+        grad_input = None
+        for rows in module.row_slices():
+            part = grad_output[..., rows] @ module.dequantize(ctx.dtype, rows)
+            grad_input = part if grad_input is None else grad_input.add_(part)
+        return grad_input.to(ctx.input_dtype), None
 
 
 class QuantizedLinear(nn.Linear):
@@ -117,14 +166,16 @@ class QuantizedLinear(nn.Linear):
         self.register_buffer("nf4_pairs", nf4_pairs() if bits == 4 else None, persistent=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
-    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        return dequantize_weight(self.weight, self.weight_scale, self.bits, dtype, self.nf4_pairs)
+    def row_slices(self) -> list[slice]:
+        rows = max(1, CHUNK_ELEMENTS // self.in_features)
+        return [slice(start, start + rows) for start in range(0, self.out_features, rows)]
+
+    def dequantize(self, dtype: torch.dtype, rows: slice = slice(None)) -> torch.Tensor:
+        """The weight (or the slice ``rows`` of its rows) in ``dtype``."""
+        return _dequantizer(self.weight.device)(self.weight[rows], self.weight_scale[rows], self.bits, dtype, self.nf4_pairs)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # A full-precision weight (a full fine-tune loaded onto a quantized base) is quantized on the way in.
-        weight = state_dict.get(prefix + "weight")
-        if weight is not None and weight.is_floating_point():
-            state_dict[prefix + "weight"], state_dict[prefix + "weight_scale"] = quantize_weight(weight, self.bits)
+        _quantize_loaded_weight(state_dict, prefix, self.bits, self.original_dtype)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -135,12 +186,62 @@ class QuantizedLinear(nn.Linear):
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
 
 
-def quantize_model(model: nn.Module, bits: int, device: torch.device | str | None = None) -> nn.Module:
-    """Replace every ``nn.Linear`` inside the decoder layers by a ``QuantizedLinear``, in place.
+class QuantizedEmbedding(nn.Embedding):
+    """A frozen embedding table with int8 rows and one float32 scale per row; a lookup dequantizes only its rows."""
 
-    Embeddings, the LM head and anything outside the layers stay as they are (as ChatGLM's and
-    bitsandbytes' quantization leave them). With ``device``, each layer is moved there before it is
-    quantized, so the full-precision model never has to fit on the device.
+    def __init__(self, embedding: nn.Embedding):
+        nn.Module.__init__(self)
+        self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
+        self.padding_idx, self.max_norm, self.norm_type = embedding.padding_idx, None, 2.0
+        self.scale_grad_by_freq, self.sparse = False, False
+        self.original_dtype = embedding.weight.dtype
+        codes, scale = quantize_weight(embedding.weight, VOCABULARY_BITS)
+        self.register_buffer("weight", codes)
+        self.register_buffer("weight_scale", scale)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize_weight(self.weight, self.weight_scale, VOCABULARY_BITS, dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        _quantize_loaded_weight(state_dict, prefix, VOCABULARY_BITS, self.original_dtype)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(input_ids, self.weight).float() * F.embedding(input_ids, self.weight_scale)
+        return rows.to(self.original_dtype)
+
+
+def _quantize_loaded_weight(state_dict: dict, prefix: str, bits: int, dtype: torch.dtype) -> None:
+    """A full-precision weight loaded into a quantized module (a full fine-tune onto a quantized base) is
+    quantized on the way in."""
+    weight = state_dict.get(prefix + "weight")
+    if weight is not None and weight.is_floating_point():
+        state_dict[prefix + "weight"], state_dict[prefix + "weight_scale"] = quantize_weight(weight.to(dtype), bits)
+
+
+def vocabulary_modules(model: nn.Module) -> list[str]:
+    """Names of the input embedding and the LM head when ``quantize_model`` can store them as int8: a plain
+    ``nn.Embedding`` and an ``nn.Linear`` head without bias whose weight it does not share."""
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = embedding is not None and head is not None and head.weight is embedding.weight
+    names = {id(m): n for n, m in model.named_modules()}
+    found = []
+    if type(embedding) is nn.Embedding and not tied and id(embedding) in names:
+        found.append(names[id(embedding)])
+    if type(head) is nn.Linear and head.bias is None and not tied and id(head) in names:
+        found.append(names[id(head)])
+    return found
+
+
+def quantize_model(
+    model: nn.Module, bits: int, device: torch.device | str | None = None, embeddings: bool = True
+) -> nn.Module:
+    """Replace every ``nn.Linear`` inside the decoder layers by a ``QuantizedLinear`` of ``bits``, in place,
+    and with ``embeddings`` the input embedding and LM head (``vocabulary_modules``) by int8 ones.
+
+    Norms, biases and anything else stay as they are. With ``device``, each module is moved there before
+    it is quantized, so the full-precision model never has to fit on the device.
     """
     if bits not in BITS:
         raise GlmtuneError(f"--quantization_bit must be 4 or 8, got {bits}")
@@ -151,14 +252,27 @@ def quantize_model(model: nn.Module, bits: int, device: torch.device | str | Non
             for name, child in list(parent.named_children()):
                 if type(child) is nn.Linear:
                     setattr(parent, name, QuantizedLinear(child, bits))
+    for name in vocabulary_modules(model) if embeddings else []:
+        module = model.get_submodule(name)
+        if device is not None:
+            module.to(device)
+        quantized = QuantizedEmbedding(module) if isinstance(module, nn.Embedding) else QuantizedLinear(module, VOCABULARY_BITS)
+        parent, _, attribute = name.rpartition(".")
+        setattr(model.get_submodule(parent), attribute, quantized)
     return model
 
 
 def dequantize(module: nn.Module) -> nn.Module:
-    """Turn every ``QuantizedLinear`` in ``module`` back into an ``nn.Linear`` (with the rounded weights), in place."""
+    """Turn every ``QuantizedLinear`` and ``QuantizedEmbedding`` in ``module`` back into an ``nn.Linear`` or
+    ``nn.Embedding`` (with the rounded weights), in place."""
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, QuantizedLinear):
+            if isinstance(child, QuantizedEmbedding):
+                embedding = nn.Embedding(child.num_embeddings, child.embedding_dim, child.padding_idx,
+                                         device=child.weight.device, dtype=child.original_dtype)
+                embedding.weight.data = child.dequantize(child.original_dtype)
+                setattr(parent, name, embedding)
+            elif isinstance(child, QuantizedLinear):
                 linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
                                    device=child.weight.device, dtype=child.original_dtype)
                 linear.weight.data = child.dequantize(child.original_dtype)
@@ -169,10 +283,11 @@ def dequantize(module: nn.Module) -> nn.Module:
 
 
 def is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, QuantizedLinear) for m in model.modules())
+    return any(isinstance(m, (QuantizedLinear, QuantizedEmbedding)) for m in model.modules())
 
 
 def parameter_count(model: nn.Module) -> int:
     """Parameters of the model as loaded, counting each quantized weight (a buffer, not a parameter) once."""
     quantized = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantizedLinear))
+    quantized += sum(m.weight.numel() for m in model.modules() if isinstance(m, QuantizedEmbedding))
     return sum(p.numel() for p in model.parameters()) + quantized

@@ -47,7 +47,7 @@ def load_base(config: GlmtuneConfig, base_model: str | None, prefix_checkpoint: 
     source = resolve_model_source(base_model)
     tokenizer = load_tokenizer(source)
     model = load_model(source, dtype=config.torch_dtype, quantization_bit=config.quantization_bit,
-                       prefix_checkpoint=prefix_checkpoint)
+                       prefix_checkpoint=prefix_checkpoint, quantize_embeddings=config.quantize_embeddings)
     return ModelBundle(model, tokenizer, get_template(config.template, tokenizer), base_model)
 
 

@@ -356,12 +356,13 @@ class ChatGLM2Model(nn.Module):
         output_hidden_states: bool = False,
     ) -> tuple[torch.Tensor, KVCache | None, tuple[torch.Tensor, ...] | None]:
         hidden_states = self.embedding.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        rope_dtype = hidden_states.dtype  # the embeddings' dtype (their weight may be int8 codes)
         if self.config.fp32_residual_connection:
             hidden_states = hidden_states.float()
         full_mask, position_ids, past_key_values = self.prepare_layer_inputs(
             input_ids, attention_mask, position_ids, past_key_values, hidden_states.dtype
         )
-        rope = rotary_table(position_ids, self.config.kv_channels, self.embedding.word_embeddings.weight.dtype)
+        rope = rotary_table(position_ids, self.config.kv_channels, rope_dtype)
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         use_cache = use_cache and not checkpointing
 
