@@ -44,6 +44,7 @@ sys.path.insert(0, str(HERE))
 from common import environment, sync, write_json  # noqa: E402
 
 from glmtune.models.chatglm import ChatGLMConfig, ChatGLMForConditionalGeneration  # noqa: E402
+from glmtune.models import quantization  # noqa: E402
 from glmtune.models.quantization import quantize_model  # noqa: E402
 
 SEED_BASELINE_TOKENS_PER_S = 1076
@@ -201,6 +202,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--budget", type=float, default=360, help="start no new run after this many seconds")
     parser.add_argument("--bits", default="bf16,8,4", help="which of bf16,8,4 to run")
+    parser.add_argument("--eager_dequantize", action="store_true", help="dequantize eagerly on CUDA too (not compiled)")
+    parser.add_argument("--core", action="store_true", help="only the main rows: no bf16-vocabulary, GC or compile rows")
     args = parser.parse_args()
     global unit
     unit = "MiB" if args.tiny else "GiB"
@@ -215,20 +218,24 @@ def main() -> None:
     started = time.perf_counter()
 
     bit_settings = [None if b == "bf16" else int(b) for b in args.bits.split(",")]
+    if args.eager_dequantize:
+        quantization.COMPILE_ON_CUDA = False
     # (kind, method, bits, micro-batch, gradient checkpointing, backend, torch.compile, quantize embeddings),
     # most wanted first
     runs = [("train", method, bits, micro, False, "glmtune", False, True)
             for bits in bit_settings for method in ("ptuning", "lora") for micro in (1, 16)]
     runs += [("generate", None, bits, None, False, "glmtune", False, True) for bits in bit_settings]
-    if 4 in bit_settings:  # what int8 vocabulary matrices save: the same runs with them in bf16
+    if 4 in bit_settings and not args.core:  # what int8 vocabulary matrices save: the same runs with them in bf16
         runs += [("train", method, 4, 1, False, "glmtune", False, False) for method in ("ptuning", "lora")]
         runs += [("generate", None, 4, None, False, "glmtune", False, False)]
     if args.bnb:
         runs += [("train", "lora", 4, micro, False, "bnb", False, False) for micro in (1, 16)]
         runs += [("generate", None, 4, None, False, "bnb", False, False)]
-    runs += [("train", "lora", 4, 16, True, "glmtune", False, True), ("train", "lora", 4, 16, False, "glmtune", True, True)]
+    if not args.core:
+        runs += [("train", "lora", 4, 16, True, "glmtune", False, True), ("train", "lora", 4, 16, False, "glmtune", True, True)]
 
-    results = {"env": environment(), "args": vars(args), "unit": unit, "seed_style_bf16_tokens_per_s": SEED_BASELINE_TOKENS_PER_S,
+    results = {"env": environment(), "args": vars(args), "unit": unit,
+               "dequantize": "compiled" if device == "cuda" and quantization.COMPILE_ON_CUDA else "eager", "seed_style_bf16_tokens_per_s": SEED_BASELINE_TOKENS_PER_S,
                "train": [], "generate": [], "skipped": []}
     for kind, method, bits, micro, checkpointing, backend, compile_layers, embeddings in runs:
         accumulation = 16 // micro if micro else None

@@ -42,6 +42,7 @@ GROUP_SIZE = 64
 VOCABULARY_BITS = 8
 # Dequantize at most this many weights at once (128 MiB in bf16): an LM head of 130k rows goes in slices.
 CHUNK_ELEMENTS = 2**26
+COMPILE_ON_CUDA = True  # benchmarks/quantization_memory.py --eager_dequantize turns it off to compare
 # QLoRA's NF4 levels (Dettmers et al. 2023, appendix E), the values bitsandbytes uses.
 NF4_LEVELS = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -108,12 +109,14 @@ def dequantize_weight(
 
 @functools.cache
 def _compiled_dequantize_weight():
-    return torch.compile(dequantize_weight, dynamic=True)
+    # Static shapes: one specialized kernel per weight shape (a model has a handful). With dynamic shapes
+    # the kernels index with symbolic sizes and, on the H200, ran slower than the three eager kernels.
+    return torch.compile(dequantize_weight, dynamic=False)
 
 
 def _dequantizer(device: torch.device):
     """The fused (compiled) dequantization on CUDA with Triton, else the eager one (CPU: tests and demos)."""
-    if device.type == "cuda":
+    if device.type == "cuda" and COMPILE_ON_CUDA:
         from torch.utils._triton import has_triton
 
         if has_triton():
