@@ -11,7 +11,8 @@ P = linear parameters (frozen base: no weight-gradient GEMMs), as in ../shared/b
   lora    glmtune train, LoRA r8 q,v, effective batch 16
   ptuning glmtune train, P-Tuning v2, pre_seq_len 128, effective batch 16
   glmtune runs take flag suffixes: +group (--group_by_length), +compile (--torch_compile),
-  +ckpt (--gradient_checkpointing), e.g. lora+group+compile
+  +ckpt (--gradient_checkpointing), +ckptN (only the first N layers), +plainloss (the model's own loss, logits at every position,
+  instead of glmtune's default label-only chunked loss), e.g. lora+group+compile
 
 Run on the device: python benchmarks/train_throughput.py [--runs seed,hf16,lora,ptuning]   (CPU check: --tiny)
 """
@@ -19,6 +20,7 @@ Run on the device: python benchmarks/train_throughput.py [--runs seed,hf16,lora,
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import statistics
@@ -89,11 +91,12 @@ def hf_trainer_run(model, data, batch_size: int, accumulation: int, pad_to: int 
     return {"step_seconds": step_seconds, "tokens_per_step": tokens}
 
 
-def glmtune_run(model, data, method: str, batch_size: int, accumulation: int, steps: int, warmup: int, extra: dict) -> dict:
+def glmtune_run(model, data, method: str, batch_size: int, accumulation: int, steps: int, warmup: int, extra: dict,
+                plain_loss: bool = False) -> dict:
     from glmtune.config import GlmtuneConfig
     from glmtune.data.preprocess import Example
     from glmtune.methods import get_method
-    from glmtune.train.trainer import train
+    from glmtune.train import trainer
 
     class Tokenizer:
         pad_token_id = 0
@@ -106,7 +109,13 @@ def glmtune_run(model, data, method: str, batch_size: int, accumulation: int, st
                            bf16=torch.cuda.is_available(), **extra)
     method_object = get_method(method)
     prepared = method_object.apply(model, config)
-    train(prepared, Tokenizer(), method_object, config, [Example(ids, labels) for ids, labels in data])
+    label_only_loss = trainer._loss
+    if plain_loss:  # no user flag for it: the label-only loss is the default and equal to this one
+        trainer._loss = functools.partial(label_only_loss, label_only=False)
+    try:
+        trainer.train(prepared, Tokenizer(), method_object, config, [Example(ids, labels) for ids, labels in data])
+    finally:
+        trainer._loss = label_only_loss
     log = [json.loads(line) for line in (Path(config.output_dir) / "train_log.jsonl").read_text().splitlines()]
     rates = [entry["tokens_per_s"] for entry in log[warmup:]]
     return {"tokens_per_s_median": statistics.median(rates)}
@@ -141,8 +150,12 @@ def main() -> None:
             micro = args.glmtune_micro_batch
             method, *flags = run.split("+")
             flag_fields = {"group": "group_by_length", "compile": "torch_compile", "ckpt": "gradient_checkpointing"}
-            run_extra = {**extra, **{flag_fields[f]: True for f in flags}}
-            measured = glmtune_run(model, data, method, micro, 16 // micro, args.steps, args.warmup, run_extra)
+            run_extra = {**extra, **{flag_fields[f]: True for f in flags if f in flag_fields}}
+            for flag in flags:  # +ckptN: checkpoint only the first N layers
+                if flag.startswith("ckpt") and flag != "ckpt":
+                    run_extra.update(gradient_checkpointing=True, gradient_checkpointing_layers=int(flag[4:]))
+            measured = glmtune_run(model, data, method, micro, 16 // micro, args.steps, args.warmup, run_extra,
+                                   plain_loss="plainloss" in flags)
             rate = measured["tokens_per_s_median"]
             # glmtune's methods wrap or modify the model: rebuild a clean one for the next run
             del model

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tiny_models import DEMO_TRAIN
 
@@ -44,11 +45,30 @@ def test_two_processes_match_one(tiny_llama, tmp_path, method):
     assert (tmp_path / "two" / "checkpoint-2" / "trainer_state.json").is_file()
 
 
-def test_fsdp_matches_one_process_and_resumes_on_another_count(tiny_llama, tmp_path):
-    single, _ = run(tiny_llama, tmp_path / "one", "full", processes=1, per_device_batch=4)
-    sharded, _ = run(tiny_llama, tmp_path / "fsdp", "full", processes=2, per_device_batch=2, extra=("--fsdp",))
+def test_fsdp_checkpoints_are_sharded_and_resume_on_any_count(tiny_llama, tmp_path):
+    # A bf16 base: training upcasts to float32 (the same in every run), the final output goes back to bf16.
+    bf16 = ("--torch_dtype", "bfloat16")
+    single, _ = run(tiny_llama, tmp_path / "one", "full", processes=1, per_device_batch=4, extra=bf16)
+    sharded, _ = run(tiny_llama, tmp_path / "fsdp", "full", processes=2, per_device_batch=2, extra=(*bf16, "--fsdp"))
     assert sharded == pytest.approx(single, abs=1e-5)
-    # The checkpoint holds full tensors: one process picks up where two sharded processes left off.
-    resumed, _ = run(tiny_llama, tmp_path / "fsdp", "full", processes=1, per_device_batch=4,
-                     extra=("--resume_from_checkpoint", str(tmp_path / "fsdp" / "checkpoint-2")))
-    assert resumed[-2:] == pytest.approx(single[2:], abs=1e-5)
+    checkpoint = tmp_path / "fsdp" / "checkpoint-2"
+    # Each rank wrote its own shard with torch.distributed.checkpoint: nothing gathered to rank 0.
+    assert (checkpoint / ".metadata").is_file() and len(list(checkpoint.glob("*.distcp"))) == 2
+    assert not (checkpoint / "optimizer.pt").exists() and not list(checkpoint.glob("*.safetensors"))
+    assert not list((tmp_path / "fsdp").glob(".checkpoint-*"))
+
+    # The final output is one ordinary folder, in the dtype the base was loaded in.
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    with safe_open(str(tmp_path / "fsdp" / "model.safetensors"), "pt") as weights:
+        assert {weights.get_tensor(name).dtype for name in weights.keys()} == {torch.bfloat16}
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp").dtype == torch.bfloat16
+
+    # Resharded on resume: one plain process, and two FSDP processes, continue with the same losses.
+    resumed_alone, _ = run(tiny_llama, tmp_path / "alone", "full", processes=1, per_device_batch=4,
+                           extra=(*bf16, "--resume_from_checkpoint", str(checkpoint)))
+    resumed_fsdp, _ = run(tiny_llama, tmp_path / "fsdp2", "full", processes=2, per_device_batch=2,
+                          extra=(*bf16, "--fsdp", "--resume_from_checkpoint", str(checkpoint)))
+    assert resumed_alone == pytest.approx(single[2:], abs=1e-5)
+    assert resumed_fsdp == pytest.approx(single[2:], abs=1e-5)

@@ -76,3 +76,33 @@ def test_cached_generation_matches_full_recompute_with_prefix(tiny_model):
         for _ in range(6):
             sequence.append(int(model(input_ids=torch.tensor([sequence])).logits[0, -1].argmax()))
     assert generated == sequence[len(prompt):]
+
+
+def test_compiled_layers_share_one_graph_with_the_prefix():
+    """Every layer gets its own prefix without being specialized on its index: the compiled graphs do not
+    grow with the number of layers. Before, each layer was one more compiled entry, and past dynamo's
+    recompile limit (8) the remaining layers and every new sequence length ran eagerly."""
+    from torch._dynamo.utils import counters
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from glmtune.models.introspect import decoder_layers
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=10,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = get_method("ptuning").apply(LlamaForCausalLM(config), GlmtuneConfig(pre_seq_len=3)).train()
+    reference = [model(input_ids=torch.arange(4, 4 + length).repeat(2, 1), labels=torch.arange(4, 4 + length).repeat(2, 1),
+                       use_cache=False).loss.item() for length in (6, 9)]
+    torch._dynamo.reset()
+    counters.clear()
+    for layer in decoder_layers(model):
+        layer.forward = torch.compile(layer.forward, dynamic=True, backend="eager")
+    for length, expected in zip((6, 9, 6), reference + reference[:1]):
+        ids = torch.arange(4, 4 + length).repeat(2, 1)
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        assert loss.item() == pytest.approx(expected, abs=1e-5)
+    # Layer 0's input does not require grad, the others' do; each is compiled for the first length, then dynamic.
+    assert counters["frames"]["total"] <= 4
+    assert not counters["graph_break"]
+    torch._dynamo.reset()

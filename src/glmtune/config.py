@@ -111,6 +111,10 @@ class GlmtuneConfig:
     fp16: bool = _help("Compute in float16 (autocast).", default=False)
     bf16: bool = _help("Compute in bfloat16 (autocast).", default=False)
     gradient_checkpointing: bool = _help("Recompute activations in backward to save memory.", default=False)
+    gradient_checkpointing_layers: int | None = _help(
+        "With --gradient_checkpointing: recompute only this many decoder layers (the first ones); the others "
+        "keep their activations. Trades memory for speed between no and full checkpointing.", default=None
+    )
     fsdp: bool = _help(
         "Under torchrun: shard parameters, gradients and optimizer state with PyTorch FSDP2 (full and freeze "
         "fine-tuning of models too big for one GPU). Without it, several processes use DDP.", default=False

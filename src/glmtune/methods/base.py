@@ -31,6 +31,13 @@ class Method:
         source = state_dict if state_dict is not None else {name: p.detach() for name, p in trained.items()}
         save_file({name: source[name].contiguous().cpu() for name in trained}, str(Path(directory) / TRAINABLE_FILE))
 
+    def save_output(self, model: nn.Module, directory: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the final result of training; by default what ``save`` writes for a checkpoint."""
+        if state_dict is None:
+            self.save(model, directory)  # LoRA and P-Tuning v2 take no state_dict: they are never sharded
+        else:
+            self.save(model, directory, state_dict=state_dict)
+
     def read_state(self, directory: Path) -> dict[str, torch.Tensor]:
         """What ``save`` wrote, under the model's parameter names."""
         return load_file(str(Path(directory) / TRAINABLE_FILE))

@@ -11,6 +11,7 @@ ChatGLM models use their own native encoder (``transformer.prefix_encoder``), as
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ from transformers.cache_utils import DynamicLayer
 
 from glmtune.config import GlmtuneConfig
 from glmtune.methods.base import Method
-from glmtune.models.introspect import attention_shape
+from glmtune.models.introspect import attention_shape, decoder_layers
 
 PREFIX_FILE = "prefix_encoder.safetensors"
 
@@ -56,6 +57,26 @@ class _PrefixLayer(DynamicLayer):
         return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
 
 
+def _give_each_layer_its_prefix(layers: nn.ModuleList, cache_argument: str) -> None:
+    """Hand decoder layer i its ``_PrefixLayer`` instead of the whole read-only training cache.
+
+    Attention calls ``cache.update(keys, values, self.layer_idx)``. On the whole cache, the index makes
+    torch.compile specialize a layer's graph on ``layer_idx``: one compiled entry per layer (they share
+    one code object), and past ``recompile_limit`` (8) every other layer and sequence length runs
+    eagerly. A ``_PrefixLayer`` ignores the index, so one graph serves all layers. The generation cache
+    and calls without a prefix pass through unchanged.
+    """
+
+    def hook(index: int, module: nn.Module, args: tuple, kwargs: dict):
+        cache = kwargs.get(cache_argument)
+        if isinstance(cache, DynamicCache) and index < len(cache.layers) and isinstance(cache.layers[index], _PrefixLayer):
+            return args, {**kwargs, cache_argument: cache.layers[index]}
+        return None
+
+    for index, layer in enumerate(layers):
+        layer.register_forward_pre_hook(functools.partial(hook, index), with_kwargs=True)
+
+
 def cache_argument_name(model: nn.Module) -> str:
     """transformers 5.24 renamed ``past_key_values`` to ``cache``; 5.17 (our GPU machine) has the old name."""
     import inspect
@@ -81,6 +102,7 @@ class PrefixTuningModel(nn.Module):
         self.prefix_encoder = PrefixEncoder(pre_seq_len, kv_size, hidden, projection, projection_hidden or hidden)
         self.register_buffer("prefix_tokens", torch.arange(pre_seq_len), persistent=False)
         self.cache_argument = cache_argument_name(base_model)
+        _give_each_layer_its_prefix(decoder_layers(base_model), self.cache_argument)
 
     @property
     def device(self) -> torch.device:

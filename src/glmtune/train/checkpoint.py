@@ -1,6 +1,7 @@
 """Checkpoints: ``checkpoint-STEP/`` holds what the method trains plus optimizer, scheduler and RNG state.
 
 Each is written to a temporary folder and renamed into place, so a crash never leaves a half checkpoint.
+With FSDP every rank writes its shards into that folder (``torch.distributed.checkpoint``); rank 0 renames it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 
 from glmtune.errors import GlmtuneError
+from glmtune.train.distributed import ProcessGroup
 
 RUN_RECORD = "glmtune.json"
 
@@ -42,18 +44,27 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(output_dir: Path, step: int, write_contents, keep: int | None) -> Path:
-    """Call ``write_contents(folder)`` on a temp folder, then rename it to ``checkpoint-STEP``."""
+def save_checkpoint(output_dir: Path, step: int, write_contents, keep: int | None,
+                    group: ProcessGroup = ProcessGroup()) -> Path:
+    """Every rank calls ``write_contents(folder)`` on the same temp folder, then rank 0 renames it to ``checkpoint-STEP``.
+
+    A collective: all ranks call it. ``write_contents`` decides what each rank writes.
+    """
     final = output_dir / f"checkpoint-{step}"
     temporary = output_dir / f".checkpoint-{step}.tmp"
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir(parents=True)
+    if group.is_main:
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir(parents=True)
+    group.barrier()
     write_contents(temporary)
-    shutil.rmtree(final, ignore_errors=True)
-    temporary.rename(final)
-    if keep:
-        for old in list_checkpoints(output_dir)[:-keep]:
-            shutil.rmtree(old)
+    group.barrier()  # every rank's files are in place
+    if group.is_main:
+        shutil.rmtree(final, ignore_errors=True)
+        temporary.rename(final)
+        if keep:
+            for old in list_checkpoints(output_dir)[:-keep]:
+                shutil.rmtree(old)
+    group.barrier()
     return final
 
 

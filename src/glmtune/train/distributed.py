@@ -1,13 +1,15 @@
-"""Several processes (``torchrun --nproc_per_node N glmtune train ...``): PyTorch DDP, rank-0 I/O.
+"""Several processes (``torchrun --nproc_per_node N glmtune train ...``): PyTorch DDP or FSDP2, rank-0 I/O.
 
 glmtune adds no distributed machinery of its own: ``torch.distributed`` runs the processes and DDP
 averages the gradients. One process (no ``WORLD_SIZE``) runs the same code with nothing to reduce.
+Sharded (FSDP) checkpoints are written by every rank with ``torch.distributed.checkpoint`` (DCP).
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as torch_dist
@@ -107,3 +109,41 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
     set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=_full_options())
+
+
+def is_sharded_checkpoint(folder: Path) -> bool:
+    """Whether ``folder`` was written by ``save_sharded`` (DCP writes its index to ``.metadata``)."""
+    return (Path(folder) / ".metadata").is_file()
+
+
+def _sharded_states(model: nn.Module, optimizer: torch.optim.Optimizer, names: list[str]) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=False))
+    return {"model": {name: model_state[name] for name in names}, "optimizer": optim_state}
+
+
+def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path, names: list[str]) -> None:
+    """The tensors ``names`` and the optimizer state, each rank writing its own shards into ``folder``: no gather.
+
+    A collective: every rank calls it with the same folder. Keys are parameter names, so
+    ``load_sharded`` reshards them to any process count.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(_sharded_states(model, optimizer, names), checkpoint_id=str(folder))
+
+
+def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path, names: list[str]) -> None:
+    """Read a ``save_sharded`` checkpoint into this run's (sharded or whole) model and optimizer.
+
+    Works at any process count, a lone process without a process group included: each rank reads
+    the parts of the saved shards that its own tensors cover.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    states = _sharded_states(model, optimizer, names)  # this run's tensors, filled in place
+    dcp.load(states, checkpoint_id=str(folder))
+    set_state_dict(model, optimizer, model_state_dict=states["model"], optim_state_dict=states["optimizer"],
+                   options=StateDictOptions(full_state_dict=False, strict=False))

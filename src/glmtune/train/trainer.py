@@ -29,10 +29,13 @@ from glmtune.methods import Method
 from glmtune.models.introspect import decoder_layers, parameter_dtype
 from glmtune.train.distributed import (
     gather_model_state,
+    is_sharded_checkpoint,
     load_model_state,
     load_optimizer_state,
+    load_sharded,
     optimizer_state,
     process_group,
+    save_sharded,
     unwrap,
     wrap,
 )
@@ -43,6 +46,7 @@ from glmtune.train.checkpoint import (
     set_rng_state,
     write_run_record,
 )
+from glmtune.train.loss import label_loss, supports_label_loss
 
 logger = logging.getLogger(__name__)
 
@@ -56,13 +60,14 @@ class TrainResult:
     train_seconds: float = 0.0
 
 
-def enable_gradient_checkpointing(model: nn.Module) -> None:
-    """Recompute each transformer block in backward (non-reentrant ``torch.utils.checkpoint``).
+def enable_gradient_checkpointing(model: nn.Module, layer_count: int | None = None) -> None:
+    """Recompute each transformer block (or the first ``layer_count``) in backward (non-reentrant
+    ``torch.utils.checkpoint``).
 
     Ours rather than ``model.gradient_checkpointing_enable()``: transformers drops the KV cache inside
     checkpointed layers, which would drop the P-Tuning v2 prefix. One mechanism serves every method.
     """
-    for layer in decoder_layers(model):
+    for layer in list(decoder_layers(model))[:layer_count]:
         forward = layer.forward
 
         def checkpointed(*args, _forward=forward, **kwargs):
@@ -156,11 +161,15 @@ class _Loggers:
             self.tensorboard.close()
 
 
-def _loss(model: nn.Module, batch: dict, autocast: torch.autocast) -> torch.Tensor:
+def _loss(model: nn.Module, batch: dict, autocast: torch.autocast, label_only: bool = True) -> torch.Tensor:
+    """Mean loss over the batch's label tokens; ``label_only=False`` lets the model compute its own
+    (logits at every position), the slower path ``label_loss`` is checked against."""
     with autocast:
         # No KV cache in training: a checkpointed layer would append to it again when replayed.
         # No attention mask either: rows are right-padded, so under the causal mask no real token
         # sees a pad, and without a mask SDPA can take its fastest (flash) kernel.
+        if label_only and supports_label_loss(model):
+            return label_loss(model, batch["input_ids"], batch["labels"])
         outputs = model(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False)
         return outputs.loss.float()
 
@@ -203,7 +212,7 @@ def train(
         for layer in decoder_layers(model):
             layer.forward = torch.compile(layer.forward, dynamic=True)
     if config.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(model, config.gradient_checkpointing_layers)
 
     fsdp = config.fsdp and group.world_size > 1
     if config.fsdp and method.name not in ("full", "freeze"):
@@ -211,7 +220,8 @@ def train(
     # Wrap before the optimizer exists: FSDP replaces the parameters with their shards.
     model = wrap(model, group, fsdp)
     trained_model = unwrap(model)  # what the method saves; `model` is what steps
-    parameters = list(method.trainable_parameters(trained_model).values())
+    trainable = method.trainable_parameters(trained_model)
+    parameters = list(trainable.values())
     if not parameters:
         raise GlmtuneError("the method left no trainable parameters")
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -222,11 +232,14 @@ def train(
     start_step = 0
     if config.resume_from_checkpoint:
         checkpoint = resolve_resume(output_dir, config.resume_from_checkpoint)
-        if fsdp:
-            load_model_state(trained_model, method.read_state(checkpoint))
+        if is_sharded_checkpoint(checkpoint):  # written by FSDP ranks; resharded to this run's processes
+            load_sharded(trained_model, optimizer, checkpoint, list(trainable))
         else:
-            method.restore(trained_model, checkpoint)
-        load_optimizer_state(trained_model, optimizer, torch.load(checkpoint / "optimizer.pt", weights_only=False))
+            if fsdp:
+                load_model_state(trained_model, method.read_state(checkpoint))
+            else:
+                method.restore(trained_model, checkpoint)
+            load_optimizer_state(trained_model, optimizer, torch.load(checkpoint / "optimizer.pt", weights_only=False))
         scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=False))
         rng_states = torch.load(checkpoint / "rng_state.pt", weights_only=False)
         # One state per rank; resumed on more ranks than were saved, the extra ranks take rank 0's.
@@ -236,24 +249,22 @@ def train(
     else:
         set_seed(config.seed + group.rank)  # ranks share the initial weights (DDP broadcasts) but not dropout
 
-    def write_checkpoint(folder: Path, step: int, states: dict) -> None:
-        save_trained(folder, states["model"])
-        torch.save(states["optimizer"], folder / "optimizer.pt")
-        torch.save(scheduler.state_dict(), folder / "scheduler.pt")
-        torch.save(states["rng"], folder / "rng_state.pt")
-        (folder / "trainer_state.json").write_text(json.dumps({"step": step, "max_steps": steps}))
-        write_run_record(folder, record)
-
-    def save_trained(folder: Path, model_state: dict | None) -> None:
-        if model_state is None:
-            method.save(trained_model, folder)
+    def write_checkpoint(folder: Path, step: int) -> None:
+        """Called by every rank. With FSDP each rank writes its shards of the trained tensors and optimizer
+        state (no gather); otherwise rank 0 writes them whole. Rank 0 writes the rest."""
+        rng_states = group.gather(rng_state())
+        if fsdp:
+            save_sharded(trained_model, optimizer, folder, list(trainable))
         else:
-            method.save(trained_model, folder, state_dict=model_state)
-
-    def gather_states() -> dict:
-        """Everything a checkpoint holds, gathered to rank 0 (all ranks must call this)."""
-        return {"model": gather_model_state(trained_model) if fsdp else None,
-                "optimizer": optimizer_state(trained_model, optimizer), "rng": group.gather(rng_state())}
+            optimizer_states = optimizer_state(trained_model, optimizer)
+            if group.is_main:
+                method.save(trained_model, folder)
+                torch.save(optimizer_states, folder / "optimizer.pt")
+        if group.is_main:
+            torch.save(scheduler.state_dict(), folder / "scheduler.pt")
+            torch.save(rng_states, folder / "rng_state.pt")
+            (folder / "trainer_state.json").write_text(json.dumps({"step": step, "max_steps": steps}))
+            write_run_record(folder, record)
 
     loggers = _Loggers(output_dir, config.report_to, append=start_step > 0) if group.is_main else None
     padding = pad_id(tokenizer)
@@ -271,7 +282,9 @@ def train(
             for micro in range(config.gradient_accumulation_steps):
                 micro_index = (step - 1) * config.gradient_accumulation_steps + micro
                 indices = data_order.batch(micro_index, group.rank, group.world_size)
-                batch = {k: v.to(device) for k, v in collate([train_examples[i] for i in indices], padding).items()}
+                collated = collate([train_examples[i] for i in indices], padding)
+                window_tokens += int(collated["attention_mask"].sum())  # this rank's, on the CPU: no sync
+                batch = {k: v.to(device) for k, v in collated.items()}
                 # Weight each rank's mean loss by its answer tokens, so the step's loss and gradients
                 # are the mean over all answer tokens of the global batch, whatever the process count.
                 local_tokens = (batch["labels"][:, 1:] != -100).sum()
@@ -283,7 +296,6 @@ def train(
                 scaled = loss_sum * group.world_size / global_tokens  # DDP averages over ranks
                 scaler.scale(scaled / config.gradient_accumulation_steps).backward()
                 step_loss += loss.item() / config.gradient_accumulation_steps
-                window_tokens += int(group.sum(batch["attention_mask"].sum()))
             if config.max_grad_norm:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
@@ -293,13 +305,19 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             result.losses.append(step_loss)
             window_loss += step_loss
-            tokens_per_second = window_tokens / max(time.perf_counter() - window_start, 1e-9)
+            window_seconds = max(time.perf_counter() - window_start, 1e-9)
             progress.update(1)
-            progress.set_postfix(loss=f"{step_loss:.4f}", tokens_per_s=f"{tokens_per_second:.0f}")
-            if loggers and (step % config.logging_steps == 0 or step == steps):
-                interval = step % config.logging_steps or config.logging_steps
-                loggers.log(step, {"loss": window_loss / interval, "learning_rate": scheduler.get_last_lr()[0],
-                                   "tokens_per_s": tokens_per_second})
+            # Summing the ranks' tokens is a collective, done at logging steps only; in between the bar shows
+            # an estimate from rank 0's tokens, labelled as one.
+            rate_label = "tokens_per_s" if group.world_size == 1 else "tokens_per_s_est"
+            progress.set_postfix({"loss": f"{step_loss:.4f}",
+                                  rate_label: f"{window_tokens * group.world_size / window_seconds:.0f}"})
+            if step % config.logging_steps == 0 or step == steps:
+                tokens_per_second = int(group.sum(torch.tensor(window_tokens, device=device))) / window_seconds
+                if loggers:
+                    interval = step % config.logging_steps or config.logging_steps
+                    loggers.log(step, {"loss": window_loss / interval, "learning_rate": scheduler.get_last_lr()[0],
+                                       "tokens_per_s": tokens_per_second})
                 window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
             if config.do_eval and eval_examples and eval_every and step % eval_every == 0:
                 eval_loss = evaluate_loss(trained_model, eval_examples, config.per_device_eval_batch_size or 8, padding, autocast)
@@ -313,20 +331,18 @@ def train(
                     loggers.log(step, values)
                     progress.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
             if config.save_steps and step % config.save_steps == 0:
-                states = gather_states()
-                if group.is_main:
-                    save_checkpoint(output_dir, step, lambda folder: write_checkpoint(folder, step, states),
-                                    config.save_total_limit)
-                group.barrier()
+                save_checkpoint(output_dir, step, lambda folder: write_checkpoint(folder, step),
+                                config.save_total_limit, group)
     finally:
         progress.close()
         if loggers:
             loggers.close()
     result.train_seconds = time.perf_counter() - started
+    # The output is one ordinary folder, whatever the process count: FSDP shards are gathered to rank 0.
     final_model_state = gather_model_state(trained_model) if fsdp else None
     if not group.is_main:
         return result
-    save_trained(output_dir, final_model_state)
+    method.save_output(trained_model, output_dir, final_model_state)
     write_run_record(output_dir, {**record, "steps": steps})
     if method.name == "full":
         tokenizer.save_pretrained(str(output_dir))
