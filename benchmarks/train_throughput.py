@@ -23,6 +23,7 @@ import argparse
 import functools
 import gc
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -91,8 +92,24 @@ def hf_trainer_run(model, data, batch_size: int, accumulation: int, pad_to: int 
     return {"step_seconds": step_seconds, "tokens_per_step": tokens}
 
 
+def profiled(warmup: int):
+    """A CUDA profiler that records the two optimizer steps after ``warmup`` (stepped by a global optimizer hook)."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    activity = ProfilerActivity.CUDA if torch.cuda.is_available() else ProfilerActivity.CPU  # CPU: --tiny checks
+    profiler = profile(activities=[activity], schedule=schedule(wait=max(warmup - 1, 0), warmup=1, active=2, repeat=1))
+    handle = register_optimizer_step_post_hook(lambda *args: profiler.step())
+    return profiler, handle
+
+
+def kernel_table(profiler, rows: int = 30) -> str:
+    sort = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    return profiler.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=90)
+
+
 def glmtune_run(model, data, method: str, batch_size: int, accumulation: int, steps: int, warmup: int, extra: dict,
-                plain_loss: bool = False) -> dict:
+                plain_loss: bool = False, profile_to: Path | None = None) -> dict:
     from glmtune.config import GlmtuneConfig
     from glmtune.data.preprocess import Example
     from glmtune.methods import get_method
@@ -112,10 +129,18 @@ def glmtune_run(model, data, method: str, batch_size: int, accumulation: int, st
     label_only_loss = trainer._loss
     if plain_loss:  # no user flag for it: the label-only loss is the default and equal to this one
         trainer._loss = functools.partial(label_only_loss, label_only=False)
+    profiler, hook = profiled(warmup) if profile_to else (None, None)
     try:
+        if profiler:
+            profiler.start()
         trainer.train(prepared, Tokenizer(), method_object, config, [Example(ids, labels) for ids, labels in data])
     finally:
         trainer._loss = label_only_loss
+        if profiler:
+            profiler.stop()
+            hook.remove()
+            profile_to.parent.mkdir(parents=True, exist_ok=True)
+            profile_to.write_text(kernel_table(profiler))
     log = [json.loads(line) for line in (Path(config.output_dir) / "train_log.jsonl").read_text().splitlines()]
     rates = [entry["tokens_per_s"] for entry in log[warmup:]]
     return {"tokens_per_s_median": statistics.median(rates)}
@@ -129,6 +154,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--glmtune_micro_batch", type=int, default=16)
     parser.add_argument("--extra", default="{}", help="JSON of extra GlmtuneConfig fields for the glmtune runs")
+    parser.add_argument("--profile", action="store_true",
+                        help="write the CUDA kernel time table of two steps after warm-up per glmtune run (profile_RUN.txt)")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = build_proxy(args.tiny, device)
@@ -154,8 +181,9 @@ def main() -> None:
             for flag in flags:  # +ckptN: checkpoint only the first N layers
                 if flag.startswith("ckpt") and flag != "ckpt":
                     run_extra.update(gradient_checkpointing=True, gradient_checkpointing_layers=int(flag[4:]))
+            profile_to = Path(os.environ.get("OUT", "benchmarks/results")) / f"profile_{run}.txt" if args.profile else None
             measured = glmtune_run(model, data, method, micro, 16 // micro, args.steps, args.warmup, run_extra,
-                                   plain_loss="plainloss" in flags)
+                                   plain_loss="plainloss" in flags, profile_to=profile_to)
             rate = measured["tokens_per_s_median"]
             # glmtune's methods wrap or modify the model: rebuild a clean one for the next run
             del model
