@@ -113,8 +113,12 @@ class PrefixTuningModel(nn.Module):
         prefix = self.prefix_encoder(self.prefix_tokens)
         dtype = next(self.base_model.parameters()).dtype
         prefix = prefix.to(dtype).view(self.pre_seq_len, self.num_layers * 2, self.kv_heads, self.head_dim)
-        prefix = prefix.permute(1, 2, 0, 3).unsqueeze(1).expand(-1, batch_size, -1, -1, -1)
-        return [(prefix[2 * i], prefix[2 * i + 1]) for i in range(self.num_layers)]
+        # unbind, then expand each piece: in backward that is one stack of per-layer gradients summed over
+        # the batch. Indexing a batch-expanded tensor instead made autograd zero-fill and add a gradient
+        # of the whole [2·layers, batch, heads, prefix, dim] tensor once per key and value (H200: a third
+        # of a P-Tuning v2 step on the 7.66B proxy).
+        pieces = [piece.unsqueeze(0).expand(batch_size, -1, -1, -1) for piece in prefix.permute(1, 2, 0, 3).unbind(0)]
+        return list(zip(pieces[0::2], pieces[1::2]))
 
     def prefix_cache(self, batch_size: int, for_generation: bool = False) -> DynamicCache:
         """The prefix as a KV cache: read-only for training, a normal growing cache for generation."""
