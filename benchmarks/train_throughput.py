@@ -157,6 +157,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="write the CUDA kernel time table of two steps after warm-up per glmtune run (profile_RUN.txt)")
     args = parser.parse_args()
+    # One GPU: with several visible, HF Trainer (the seed and hf16 rows) would wrap the model in DataParallel.
+    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = build_proxy(args.tiny, device)
     model.config.use_cache = False

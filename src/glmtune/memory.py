@@ -24,8 +24,11 @@ activations  what autograd keeps for backward, per layer and sample of S = sourc
              With gradient checkpointing each layer keeps only its input, c·h·S (4·h·S for ChatGLM-6B, whose
              residual stream is float32 under autocast), while backward rebuilds one layer's set at a time
              and holds that layer's gradients, c·(m + 2h)·S, with it.
-logits       12 bytes per token and vocabulary entry: the float32 log-softmax kept for backward and the
+logits       12 bytes per row and vocabulary entry: the float32 log-softmax kept for backward and the
              two float32 gradients of the loss's backward (the trainer has dropped the logits by then).
+             Rows: glmtune's label-only loss (``train/loss.py``) computes logits only for the B·target
+             label positions, at most ``CHUNK_ROWS`` at a time; ``label_only_loss=False`` (a model's own
+             loss, as HF Trainer runs it) computes all B·S positions.
 transient    a quantized base dequantizes one weight (an LM head: one slice of rows) at a time: 2·c bytes
              per weight of the largest.
              It happens inside the layers' backward, not with the logits, hence max(logits, transient).
@@ -59,6 +62,7 @@ from glmtune.models.chatglm import (
 from glmtune.models.introspect import decoder_layers, text_config
 from glmtune.models.loading import read_config_dict, resolve_model_source
 from glmtune.models.quantization import CHUNK_ELEMENTS, VOCABULARY_BITS, quantized_nbytes, vocabulary_modules
+from glmtune.train.loss import CHUNK_ROWS, supports_label_loss
 
 ATTENTION_NAMES = {name for family in ATTENTION_PROJECTIONS for name in family}
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -158,6 +162,7 @@ def estimate_memory(
     dtype: str = "bfloat16",
     device: str = "cuda",
     quantize_embeddings: bool = True,
+    label_only_loss: bool = True,
 ) -> dict:
     """Expected peak training memory in bytes, by term (the formula is in the module docstring).
 
@@ -227,7 +232,10 @@ def estimate_memory(
         if gradient_checkpointing:
             prefix_bytes += copies * prefix_kv * c  # every layer's input, kept for its recomputation
     transient = 2 * c * largest_dequantized
-    logits = 12 * batch_size * sequence * vocab
+    logit_rows = batch_size * sequence
+    if label_only_loss and supports_label_loss(model):
+        logit_rows = min(batch_size * target_length, CHUNK_ROWS)
+    logits = 12 * logit_rows * vocab
     if gradient_checkpointing:
         residual = 4 if isinstance(model.config, ChatGLMConfig) else c
         kept = batch_size * len(layers) * residual * hidden * sequence + prefix_bytes
