@@ -11,6 +11,7 @@ from glmtune.models.chatglm import ChatGLM2Config, ChatGLM2ForConditionalGenerat
 from glmtune.models.chatglm import enable_ptuning
 from glmtune.train.loss import CHUNK_ROWS, SUPPORTED_MODEL_TYPES, label_loss, supports_label_loss
 from glmtune.train.trainer import DataOrder, _loss, enable_gradient_checkpointing
+from tiny_models import build_model_folder
 
 EXAMPLES = [
     Example([2, 10, 11, 12, 13, 1], [-100, -100, -100, 12, 13, 1]),
@@ -113,10 +114,14 @@ def test_label_loss_with_gradient_checkpointing_matches(tiny_llama, method):
         torch.testing.assert_close(gradients[name], gradient, atol=1e-6, rtol=1e-5)
 
 
-def test_label_loss_applies_gemmas_final_logit_softcapping(tiny_model):
-    model = prepared(tiny_model, "lora")
-    if model.config.model_type != "gemma3_text":
-        pytest.skip("softcapping is Gemma's")
+@pytest.fixture(scope="module")
+def tiny_gemma(tmp_path_factory):
+    return build_model_folder(tmp_path_factory.mktemp("gemma"), "gemma")
+
+
+def test_label_loss_applies_gemmas_final_logit_softcapping(tiny_gemma):
+    model = prepared(tiny_gemma, "lora")
+    assert model.config.model_type == "gemma3_text"
     batch = collate(EXAMPLES, 0)
     uncapped, _ = loss_and_gradients(model, batch, label_only=False)
     model.config.final_logit_softcapping = 0.1  # strong enough to change the loss of a tiny random model
@@ -189,8 +194,6 @@ def test_native_chatglm_ptuning_matches(version):
 
 def test_checkpointing_some_layers_gives_the_same_gradients(tiny_llama):
     """--gradient_checkpointing_layers N recomputes only the first N layers; the gradients do not change."""
-    from glmtune.train.trainer import enable_gradient_checkpointing
-
     batch = collate(EXAMPLES, 0)
     results = []
     for layer_count in (None, 1, 0):
