@@ -270,8 +270,10 @@ class ChatGLMModel(nn.Module):
         heads = self.config.num_attention_heads
         kv = self.prefix_encoder(prefix).to(dtype)
         kv = kv.view(batch_size, self.config.pre_seq_len, 2 * self.config.num_layers, heads, -1)
-        kv = self.prefix_dropout(kv).permute(2, 0, 3, 1, 4)
-        return tuple((kv[2 * i], kv[2 * i + 1]) for i in range(self.config.num_layers))
+        # unbind rather than kv[2 * i]: in backward, indexing zero-fills and adds a gradient of the whole
+        # [2·layers, B, heads, pre_seq_len, head_dim] tensor per key and value; unbind stacks them once.
+        kv = self.prefix_dropout(kv).permute(2, 0, 3, 1, 4).unbind(0)
+        return tuple(zip(kv[0::2], kv[1::2]))
 
     def prepare_layer_inputs(
         self,
