@@ -61,7 +61,7 @@ from glmtune.models.chatglm import (
 )
 from glmtune.models.introspect import decoder_layers, text_config
 from glmtune.models.loading import read_config_dict, resolve_model_source
-from glmtune.models.quantization import CHUNK_ELEMENTS, VOCABULARY_BITS, quantized_nbytes, vocabulary_modules
+from glmtune.models.quantization import VOCABULARY_BITS, quantized_nbytes, rows_per_slice, vocabulary_modules
 from glmtune.train.loss import CHUNK_ROWS, supports_label_loss
 
 ATTENTION_NAMES = {name for family in ATTENTION_PROJECTIONS for name in family}
@@ -191,7 +191,7 @@ def estimate_memory(
     if bits and quantize_embeddings:
         quantized.update({id(model.get_submodule(name).weight): VOCABULARY_BITS for name in vocabulary_modules(model)})
     largest_dequantized = max(
-        (min(p.numel(), CHUNK_ELEMENTS // p.shape[1] * p.shape[1]) for p in model.parameters() if id(p) in quantized),
+        (min(p.numel(), rows_per_slice(p.shape[1]) * p.shape[1]) for p in model.parameters() if id(p) in quantized),
         default=0,
     )
 

@@ -63,6 +63,11 @@ def group_size(in_features: int) -> int:
     return GROUP_SIZE if in_features % GROUP_SIZE == 0 else in_features
 
 
+def rows_per_slice(in_features: int) -> int:
+    """How many rows of a weight with ``in_features`` inputs are dequantized at once (``CHUNK_ELEMENTS``)."""
+    return max(1, CHUNK_ELEMENTS // in_features)
+
+
 def scale_dtype(weight_dtype: torch.dtype, bits: int) -> torch.dtype:
     """4-bit group scales take the base's half dtype; 8-bit row scales (one per row: negligible) stay float32."""
     return weight_dtype if bits == 4 and weight_dtype in (torch.bfloat16, torch.float16) else torch.float32
@@ -170,7 +175,7 @@ class QuantizedLinear(nn.Linear):
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
     def row_slices(self) -> list[slice]:
-        rows = max(1, CHUNK_ELEMENTS // self.in_features)
+        rows = rows_per_slice(self.in_features)
         return [slice(start, start + rows) for start in range(0, self.out_features, rows)]
 
     def dequantize(self, dtype: torch.dtype, rows: slice = slice(None)) -> torch.Tensor:
