@@ -22,13 +22,18 @@ def _help(text: str, **kwargs):
 
 
 @dataclass
-class GlmtuneConfig:
-    # ---- what to do (the seed's main.py switches) ----
+class TaskConfig:
+    """What to do (the seed's main.py switches)."""
+
     do_train: bool = _help("Fine-tune (glmtune main).", default=False)
     do_eval: bool = _help("Evaluate loss on --validation_file every --eval_steps during training.", default=False)
     do_predict: bool = _help("Generate for --test_file and score it (glmtune main).", default=False)
 
-    # ---- model ----
+
+@dataclass
+class ModelConfig:
+    """The base model and how it is loaded."""
+
     model_name_or_path: str | None = _help(
         "Hub id, local folder, .gguf file or a glmtune checkpoint. Default: the bundled Gemma 3 270M.",
         default=None,
@@ -45,7 +50,11 @@ class GlmtuneConfig:
         "Prompt template: auto = the tokenizer's chat template if it has one, else chatglm.", default="auto"
     )
 
-    # ---- data ----
+
+@dataclass
+class DataConfig:
+    """Data files, their format and lengths."""
+
     train_file: str | None = _help("Training data: JSON array or JSON lines.", default=None)
     validation_file: str | None = _help("Validation data, same format.", default=None)
     test_file: str | None = _help("Data to predict on, same format.", default=None)
@@ -65,7 +74,11 @@ class GlmtuneConfig:
     skip_bad_records: bool = _help("Skip malformed records with a counted warning instead of stopping.", default=False)
     overwrite_cache: bool = _help("Accepted for the seed's scripts; glmtune keeps no dataset cache.", default=False)
 
-    # ---- method ----
+
+@dataclass
+class MethodConfig:
+    """The fine-tuning method and its settings."""
+
     finetuning_type: Literal["lora", "ptuning", "freeze", "full"] | None = _help(
         "Method. Omitted: ptuning when --pre_seq_len is given (the seed's behaviour), else lora.", default=None
     )
@@ -85,7 +98,11 @@ class GlmtuneConfig:
     adapter_name_or_path: str | None = _help("Trained glmtune output or checkpoint to load onto the base.", default=None)
     ptuning_checkpoint: str | None = _help("The ChatGLM2 seed's name for a prefix checkpoint.", default=None)
 
-    # ---- training ----
+
+@dataclass
+class TrainingConfig:
+    """The training loop, output and logging."""
+
     output_dir: str = _help("Where checkpoints, logs and results go.", default="output/glmtune")
     overwrite_output_dir: bool = _help("Allow a non-empty --output_dir.", default=False)
     per_device_train_batch_size: int = _help("Micro-batch size.", default=4)
@@ -126,13 +143,26 @@ class GlmtuneConfig:
     seed: int = _help("Random seed for init, data order and dropout.", default=42)
     report_to: str = _help("Extra loggers: tensorboard, none.", default="tensorboard")
 
-    # ---- generation (predict, chat, serve) ----
+
+@dataclass
+class GenerationConfig:
+    """Generation (predict, chat, serve)."""
+
     predict_with_generate: bool = _help("Accepted for the seed's scripts; predict always generates.", default=True)
     max_new_tokens: int | None = _help("Tokens to generate (default: --max_target_length).", default=None)
     do_sample: bool = _help("Sample instead of greedy decoding.", default=False)
     top_p: float = _help("Nucleus sampling threshold (seed: 0.7).", default=0.7)
     temperature: float = _help("Sampling temperature (seed: 0.95).", default=0.95)
     num_beams: int = _help("Beam search width (1 = greedy/sampling).", default=1)
+
+
+# The sections in the order --help shows them; a command parses the sections it needs.
+SECTIONS = (TaskConfig, ModelConfig, DataConfig, MethodConfig, TrainingConfig, GenerationConfig)
+
+
+@dataclass
+class GlmtuneConfig(GenerationConfig, TrainingConfig, MethodConfig, DataConfig, ModelConfig, TaskConfig):
+    """Every section in one object, so `config.x` works everywhere (fields keep the sections' order)."""
 
     def __post_init__(self) -> None:
         if self.finetuning_type is None:
