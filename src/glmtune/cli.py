@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 import warnings
 
 import typer
@@ -18,16 +17,16 @@ app = typer.Typer(help="Fine-tune, evaluate and serve ChatGLM-family and other o
 PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
 
 
-def _config(ctx: typer.Context, command: str):
-    from glmtune.config import parse_config
+def _config(ctx: typer.Context, command: str, inference_only: bool = False):
+    """The config from this command's flags; ``inference_only``: model, method and generation flags only."""
+    from glmtune.config import INFERENCE_FLAGS, FlagView, parse_config
 
-    sys.argv[0] = f"glmtune {command}"
-    return parse_config(list(ctx.args))
+    return parse_config(list(ctx.args), INFERENCE_FLAGS if inference_only else FlagView(), f"glmtune {command}")
 
 
 @app.command(context_settings=PASS_THROUGH)
 def train(ctx: typer.Context) -> None:
-    """Fine-tune (lora, ptuning, freeze or full). Takes the seed's train.sh flags; --help lists them."""
+    """glmtune train [FILE.yaml] [key=value ...] [--flags]: fine-tune (lora, ptuning, freeze, full); LLaMA-Factory YAMLs work."""
     from glmtune.recipes.train import run_train
 
     run_train(_config(ctx, "train"))
@@ -69,8 +68,7 @@ def compare(ctx: typer.Context) -> None:
         tuned.append(args.pop(0))
     if not tuned and "--help" not in args and "-h" not in args:
         raise GlmtuneError("usage: glmtune compare OUTPUT [OUTPUT...] --test_file F [flags]")
-    sys.argv[0] = "glmtune compare OUTPUT..."
-    typer.echo(run_compare(parse_config(args), tuned))
+    typer.echo(run_compare(parse_config(args, command="glmtune compare OUTPUT..."), tuned))
 
 
 @app.command("estimate-memory", context_settings=PASS_THROUGH)
@@ -97,7 +95,7 @@ def chat(ctx: typer.Context) -> None:
     """Chat in the terminal with a base or tuned model: streams answers, 'clear' resets, 'exit' quits. --help lists flags."""
     from glmtune.serve.chat import run_chat
 
-    run_chat(_config(ctx, "chat"))
+    run_chat(_config(ctx, "chat", inference_only=True))
 
 
 # Commands with flags of their own: those go to typer (and its --help); model flags pass through to the config.
@@ -113,7 +111,7 @@ def web(
     """Browser chat demo (Gradio): streaming, history, sampling controls, base vs tuned. Model flags as for chat."""
     from glmtune.serve.web import run_web
 
-    run_web(_config(ctx, "web"), host=host, port=port)
+    run_web(_config(ctx, "web", inference_only=True), host=host, port=port)
 
 
 @app.command(context_settings=OWN_FLAGS_AND_PASS_THROUGH)
@@ -126,7 +124,7 @@ def serve(
     """OpenAI-compatible API: /v1/models, /v1/chat/completions, /v1/completions (SSE streaming). Model flags as for chat."""
     from glmtune.serve.api import run_serve
 
-    run_serve(_config(ctx, "serve"), host=host, port=port, api_key=api_key)
+    run_serve(_config(ctx, "serve", inference_only=True), host=host, port=port, api_key=api_key)
 
 
 @app.command(context_settings=OWN_FLAGS_AND_PASS_THROUGH)
@@ -139,7 +137,7 @@ def export(
     """Merge LoRA/freeze/full weights into a plain transformers folder (+ GGUF); P-Tuning v2: a self-contained glmtune folder."""
     from glmtune.export import run_export
 
-    typer.echo(run_export(_config(ctx, "export"), output, gguf=gguf, gguf_type=gguf_type))
+    typer.echo(run_export(_config(ctx, "export", inference_only=True), output, gguf=gguf, gguf_type=gguf_type))
 
 
 def main_entry() -> None:

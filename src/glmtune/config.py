@@ -22,13 +22,18 @@ def _help(text: str, **kwargs):
 
 
 @dataclass
-class GlmtuneConfig:
-    # ---- what to do (the seed's main.py switches) ----
+class TaskConfig:
+    """What to do (the seed's main.py switches)."""
+
     do_train: bool = _help("Fine-tune (glmtune main).", default=False)
     do_eval: bool = _help("Evaluate loss on --validation_file every --eval_steps during training.", default=False)
     do_predict: bool = _help("Generate for --test_file and score it (glmtune main).", default=False)
 
-    # ---- model ----
+
+@dataclass
+class ModelConfig:
+    """The base model and how it is loaded."""
+
     model_name_or_path: str | None = _help(
         "Hub id, local folder, .gguf file or a glmtune checkpoint. Default: the bundled Gemma 3 270M.",
         default=None,
@@ -41,11 +46,17 @@ class GlmtuneConfig:
         "With --quantization_bit: store the input embedding and an untied LM head as int8 too "
         "(--no_quantize_embeddings keeps them in the base dtype, as bitsandbytes does).", default=True
     )
-    template: Literal["auto", "chat", "chatglm", "plain"] = _help(
-        "Prompt template: auto = the tokenizer's chat template if it has one, else chatglm.", default="auto"
+    template: str = _help(
+        "Prompt template: auto = the tokenizer's chat template if it has one, else chatglm; chat, chatglm, plain; "
+        "a LLaMA-Factory name (qwen3, llama3, ...) = the tokenizer's chat template (*_nothink: thinking off).",
+        default="auto",
     )
 
-    # ---- data ----
+
+@dataclass
+class DataConfig:
+    """Data files, their format and lengths."""
+
     train_file: str | None = _help("Training data: JSON array or JSON lines.", default=None)
     validation_file: str | None = _help("Validation data, same format.", default=None)
     test_file: str | None = _help("Data to predict on, same format.", default=None)
@@ -64,8 +75,26 @@ class GlmtuneConfig:
     max_predict_samples: int | None = _help("Use only the first N test records.", default=None)
     skip_bad_records: bool = _help("Skip malformed records with a counted warning instead of stopping.", default=False)
     overwrite_cache: bool = _help("Accepted for the seed's scripts; glmtune keeps no dataset cache.", default=False)
+    dataset: str | None = _help(
+        "Comma-separated dataset names from DATASET_DIR/dataset_info.json, LLaMA-Factory's way (instead of --train_file).",
+        default=None,
+    )
+    dataset_dir: str = _help("Folder of dataset_info.json and the files it names.", default="data")
+    eval_dataset: str | None = _help("Validation dataset names from dataset_info.json (instead of --validation_file).", default=None)
+    cutoff_len: int | None = _help(
+        "Prompt and answer share N tokens, split as LLaMA-Factory does (replaces --max_source_length/--max_target_length).",
+        default=None,
+    )
+    max_samples: int | None = _help("Use only the first N records of each dataset or file.", default=None)
+    val_size: float = _help(
+        "Hold out this fraction (< 1) or number of training records for validation; turns on --do_eval.", default=0.0
+    )
 
-    # ---- method ----
+
+@dataclass
+class MethodConfig:
+    """The fine-tuning method and its settings."""
+
     finetuning_type: Literal["lora", "ptuning", "freeze", "full"] | None = _help(
         "Method. Omitted: ptuning when --pre_seq_len is given (the seed's behaviour), else lora.", default=None
     )
@@ -85,7 +114,11 @@ class GlmtuneConfig:
     adapter_name_or_path: str | None = _help("Trained glmtune output or checkpoint to load onto the base.", default=None)
     ptuning_checkpoint: str | None = _help("The ChatGLM2 seed's name for a prefix checkpoint.", default=None)
 
-    # ---- training ----
+
+@dataclass
+class TrainingConfig:
+    """The training loop, output and logging."""
+
     output_dir: str = _help("Where checkpoints, logs and results go.", default="output/glmtune")
     overwrite_output_dir: bool = _help("Allow a non-empty --output_dir.", default=False)
     per_device_train_batch_size: int = _help("Micro-batch size.", default=4)
@@ -124,15 +157,34 @@ class GlmtuneConfig:
     )
     torch_compile: bool = _help("Compile each transformer layer with torch.compile (GPU; first steps are slow).", default=False)
     seed: int = _help("Random seed for init, data order and dropout.", default=42)
-    report_to: str = _help("Extra loggers: tensorboard, none.", default="tensorboard")
+    report_to: str = _help(
+        "Trackers, comma-separated: none, tensorboard, wandb, mlflow, swanlab (each its extra: pip install "
+        "'glmtune[wandb]'). The loss always goes to train_log.jsonl.", default="none"
+    )
+    warmup_ratio: float = _help("Warm-up as a fraction of the steps (when --warmup_steps is 0).", default=0.0)
+    plot_loss: bool = _help("Write training_loss.png (loss, and eval loss if any) at the end.", default=True)
+    stage: Literal["sft", "pt", "dpo"] = _help("Training stage: sft (supervised fine-tuning); pt, dpo.", default="sft")
 
-    # ---- generation (predict, chat, serve) ----
+
+@dataclass
+class GenerationConfig:
+    """Generation (predict, chat, serve)."""
+
     predict_with_generate: bool = _help("Accepted for the seed's scripts; predict always generates.", default=True)
     max_new_tokens: int | None = _help("Tokens to generate (default: --max_target_length).", default=None)
     do_sample: bool = _help("Sample instead of greedy decoding.", default=False)
     top_p: float = _help("Nucleus sampling threshold (seed: 0.7).", default=0.7)
     temperature: float = _help("Sampling temperature (seed: 0.95).", default=0.95)
     num_beams: int = _help("Beam search width (1 = greedy/sampling).", default=1)
+
+
+# The sections in the order --help shows them; a command parses the sections it needs.
+SECTIONS = (TaskConfig, ModelConfig, DataConfig, MethodConfig, TrainingConfig, GenerationConfig)
+
+
+@dataclass
+class GlmtuneConfig(GenerationConfig, TrainingConfig, MethodConfig, DataConfig, ModelConfig, TaskConfig):
+    """Every section in one object, so `config.x` works everywhere (fields keep the sections' order)."""
 
     def __post_init__(self) -> None:
         if self.finetuning_type is None:
@@ -152,8 +204,29 @@ class GlmtuneConfig:
         return dataclasses.asdict(self)
 
 
-def parse_config(argv: list[str] | None = None) -> GlmtuneConfig:
-    """Flags, optionally on top of `--config file.yaml` (flags win over the file)."""
+@dataclass(frozen=True)
+class FlagView:
+    """The flags one command takes: whole sections, less the ``hidden`` fields (those keep their defaults)."""
+
+    sections: tuple[type, ...] = SECTIONS
+    hidden: frozenset[str] = frozenset()
+
+
+# chat, web, serve and export load a (tuned) model and generate: no training, data or method-shape flags.
+INFERENCE_FLAGS = FlagView(
+    (ModelConfig, MethodConfig, GenerationConfig),
+    hidden=frozenset({"finetuning_type", "lora_rank", "lora_alpha", "lora_dropout", "lora_target",
+                      "freeze_trainable_layers", "freeze_trainable_modules", "predict_with_generate"}),
+)
+_GROUP_TITLES = {TaskConfig: "what to do", ModelConfig: "model", DataConfig: "data", MethodConfig: "method",
+                 TrainingConfig: "training and output", GenerationConfig: "evaluation and generation"}
+_CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def parse_config(argv: list[str] | None = None, view: FlagView = FlagView(), command: str = "glmtune") -> GlmtuneConfig:
+    """Flags on top of a config file, as ``glmtune train FILE.yaml [key=value ...] [--flag ...]`` or
+    ``--config FILE.yaml`` (LLaMA-Factory's ``llamafactory-cli train FILE.yaml key=value`` form works as is).
+    Later sources win: the file, then ``key=value`` overrides, then flags."""
     import argparse
 
     from transformers import HfArgumentParser
@@ -162,27 +235,69 @@ def parse_config(argv: list[str] | None = None) -> GlmtuneConfig:
     config_parser = argparse.ArgumentParser(add_help=False)
     config_parser.add_argument("--config", default=None)
     config_args, argv = config_parser.parse_known_args(argv)
-    parser = HfArgumentParser(GlmtuneConfig)
+    config_file = config_args.config
+    if argv and not argv[0].startswith("-") and argv[0].endswith(_CONFIG_SUFFIXES):
+        if config_file:
+            raise GlmtuneError(f"two config files: {argv[0]} and --config {config_file}; give one")
+        config_file = argv.pop(0)
+    overrides = [a for a in argv if not a.startswith("-") and "=" in a and a.split("=", 1)[0].isidentifier()]
+    argv = [a for a in argv if a not in overrides]
+    _reject_hidden_flags(argv + [f"--{o.split('=', 1)[0]}" for o in overrides], view, command)
+
+    parser = HfArgumentParser(_grouped(view.sections), prog=command,
+                              usage="%(prog)s [FILE.yaml] [key=value ...] [--flag VALUE ...]")
     parser.add_argument("--config", default=None, help="YAML file with the same keys as the flags (flags win).")
-    if config_args.config:
-        parser.set_defaults(**load_yaml(config_args.config))
+    for action in parser._actions:  # argparse's only way to leave an option out of --help
+        if action.dest in view.hidden:
+            action.help = argparse.SUPPRESS
+    from_file = load_yaml(config_file) if config_file else {}
+    # key=value strings go in as argparse defaults, which argparse converts with the field's type as for a flag.
+    parser.set_defaults(**{**from_file, **_check_keys(dict(o.split("=", 1) for o in overrides), "key=value overrides")})
     try:
         parsed = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     except ValueError as error:
         raise GlmtuneError(str(error)) from None
-    config, extra = parsed[0], parsed[-1]
+    sections, extra = parsed[: len(view.sections)], parsed[-1]
     if extra:
         raise GlmtuneError(f"unknown arguments: {' '.join(extra)}")
-    return config
+    values = {k: v for section in sections for k, v in dataclasses.asdict(section).items()}
+    # A file's keys for sections this command does not parse (a training YAML given to chat) still apply.
+    return GlmtuneConfig(**{**from_file, **values})
+
+
+def _grouped(sections: tuple[type, ...]) -> list[type]:
+    """The sections as HfArgumentParser argument groups (it titles a group by ``_argument_group_name``)."""
+    return [type(s.__name__, (s,), {"_argument_group_name": _GROUP_TITLES[s]}) for s in sections]
+
+
+def _reject_hidden_flags(argv: list[str], view: FlagView, command: str) -> None:
+    shown = {f.name for section in view.sections for f in dataclasses.fields(section)} - view.hidden
+    every = {f.name for f in dataclasses.fields(GlmtuneConfig)}
+    for argument in argv:
+        name = argument[2:].split("=", 1)[0] if argument.startswith("--") else ""
+        name = name[3:] if name.startswith("no_") and name[3:] in every else name
+        if name in every and name not in shown:
+            raise GlmtuneError(f"{command} does not take --{name} (a training flag; see {command} --help)")
 
 
 def load_yaml(path: str) -> dict:
-    known = {f.name for f in dataclasses.fields(GlmtuneConfig)}
+    """A config file's keys, LLaMA-Factory's own keys translated; an unknown key is an error naming it."""
     try:
         values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as error:
         raise GlmtuneError(f"cannot read config {path}: {error}") from None
+    if not isinstance(values, dict):
+        raise GlmtuneError(f"{path}: a config file is a mapping of keys to values")
+    return _check_keys(values, path)
+
+
+def _check_keys(values: dict, where: str) -> dict:
+    from glmtune.llamafactory_keys import translate_keys
+
+    values = translate_keys(values, where)
+    known = {f.name for f in dataclasses.fields(GlmtuneConfig)}
     unknown = set(values) - known
     if unknown:
-        raise GlmtuneError(f"{path}: unknown keys {', '.join(sorted(unknown))}")
-    return values
+        raise GlmtuneError(f"{where}: unknown keys {', '.join(sorted(unknown))}")
+    # A YAML list (report_to: [wandb, mlflow], dataset: [a, b]) is the comma-separated flag value.
+    return {k: ",".join(map(str, v)) if isinstance(v, list) else v for k, v in values.items()}
