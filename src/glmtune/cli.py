@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import warnings
 
 import typer
@@ -140,6 +142,33 @@ def export(
     typer.echo(run_export(_config(ctx, "export", inference_only=True), output, gguf=gguf, gguf_type=gguf_type))
 
 
+@app.callback()
+def root(debug: bool = typer.Option(False, "--debug", help="Show the Python traceback of any error (also GLMTUNE_DEBUG=1; "
+                                    "accepted anywhere on the command line).")) -> None:
+    """Fine-tune, evaluate and serve ChatGLM-family and other open LLMs."""
+
+
+def _take_debug_flag(argv: list[str]) -> bool:
+    """Remove every ``--debug`` (the commands pass their flags through to the config parser, which has none)."""
+    found = "--debug" in argv
+    argv[:] = [arg for arg in argv if arg != "--debug"]
+    return found or os.environ.get("GLMTUNE_DEBUG", "") not in ("", "0")
+
+
+def known_failure(error: BaseException) -> str | None:
+    """One line for failures that come from the user's files or machine rather than from a bug, else None."""
+    if isinstance(error, GlmtuneError):
+        return str(error)
+    if isinstance(error, OSError) and error.filename:  # unwritable output, a full disk, a vanished file
+        target = f"{error.filename} -> {error.filename2}" if error.filename2 else error.filename
+        return f"{target}: {error.strerror or error}"
+    if type(error).__name__ == "SafetensorError":
+        return f"corrupt or truncated safetensors file ({error})"
+    if type(error).__name__ == "OutOfMemoryError":
+        return "out of GPU memory; try a smaller --per_device_train_batch_size, --gradient_checkpointing or --quantization_bit 4"
+    return None
+
+
 def main_entry() -> None:
     # peft calls a transformers 5.x method that transformers itself deprecated; nothing for users to act on.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -150,10 +179,14 @@ def main_entry() -> None:
     ours.setLevel(logging.INFO)
     ours.addHandler(handler)
     ours.propagate = False
+    debug = _take_debug_flag(sys.argv)
     try:
         app()
-    except GlmtuneError as error:
-        typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+    except Exception as error:
+        message = known_failure(error)
+        if debug or message is None:
+            raise  # a bug: its traceback
+        typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         typer.secho("interrupted", err=True)

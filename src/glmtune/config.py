@@ -7,7 +7,9 @@ Flags are generated from these fields by `transformers.HfArgumentParser`, the pa
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -197,8 +199,7 @@ class GlmtuneConfig(GenerationConfig, TrainingConfig, MethodConfig, DataConfig, 
             self.quantization_bit = None
         if self.finetuning_type == "ptuning" and not self.pre_seq_len:
             raise GlmtuneError("--finetuning_type ptuning needs --pre_seq_len N")
-        if self.max_source_length < 1 or self.max_target_length < 1:
-            raise GlmtuneError("--max_source_length and --max_target_length must be at least 1")
+        check_ranges(self)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -301,3 +302,82 @@ def _check_keys(values: dict, where: str) -> dict:
         raise GlmtuneError(f"{where}: unknown keys {', '.join(sorted(unknown))}")
     # A YAML list (report_to: [wandb, mlflow], dataset: [a, b]) is the comma-separated flag value.
     return {k: ",".join(map(str, v)) if isinstance(v, list) else v for k, v in values.items()}
+
+
+# ---- ranges: every numeric or named flag, checked once at parse time (GlmtuneConfig.__post_init__) ----
+
+
+def _at_least(low: float) -> tuple[Callable[[object], bool], str]:
+    return (lambda v: v >= low), f">= {low}"
+
+
+def _optional_at_least(low: int) -> tuple[Callable[[object], bool], str]:
+    return (lambda v: v is None or v >= low), f">= {low} (or left out)"
+
+
+def _positive() -> tuple[Callable[[object], bool], str]:
+    return (lambda v: v > 0), "> 0"
+
+
+def _schedulers() -> list[str]:
+    from transformers.trainer_utils import SchedulerType
+
+    # These need a metric at every step (plateau, greedy) or extra arguments glmtune has no flags for.
+    needs_more = {"reduce_lr_on_plateau", "greedy", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay"}
+    return [s.value for s in SchedulerType if s.value not in needs_more]
+
+
+RANGES: dict[str, tuple[Callable[[object], bool], str]] = {
+    "max_source_length": _at_least(1),
+    "max_target_length": _at_least(1),
+    "max_train_samples": _optional_at_least(1),
+    "max_eval_samples": _optional_at_least(1),
+    "max_predict_samples": _optional_at_least(1),
+    "lora_rank": _at_least(1),
+    "lora_alpha": _positive(),
+    "lora_dropout": ((lambda v: 0 <= v < 1), "in [0, 1)"),
+    "pre_seq_len": _optional_at_least(1),
+    "prefix_hidden_size": _optional_at_least(1),
+    "freeze_trainable_layers": _at_least(1),
+    "per_device_train_batch_size": _at_least(1),
+    "per_device_eval_batch_size": _optional_at_least(1),
+    "gradient_accumulation_steps": _at_least(1),
+    "learning_rate": _positive(),
+    "weight_decay": _at_least(0),
+    "warmup_steps": _at_least(0),
+    "max_grad_norm": ((lambda v: v >= 0), ">= 0 (0 disables clipping)"),
+    "num_train_epochs": _positive(),
+    "max_steps": ((lambda v: v == -1 or v >= 1), ">= 1, or -1 to train --num_train_epochs"),
+    "logging_steps": _at_least(1),
+    "save_steps": ((lambda v: v >= 0), ">= 0 (0: save only at the end)"),
+    "eval_steps": _optional_at_least(1),
+    "eval_generate_samples": _at_least(0),
+    "save_total_limit": _optional_at_least(1),
+    "gradient_checkpointing_layers": _optional_at_least(1),
+    # numpy's seed (transformers.set_seed) takes 0 <= seed < 2**32
+    "seed": ((lambda v: 0 <= v < 2**32), "in [0, 2**32)"),
+    "max_new_tokens": _optional_at_least(1),
+    "top_p": ((lambda v: 0 < v <= 1), "in (0, 1]"),
+    "temperature": _positive(),
+    "num_beams": _at_least(1),
+}
+
+CHOICES: dict[str, Callable[[], list[str]]] = {
+    "lr_scheduler_type": _schedulers,
+}
+
+
+def check_ranges(config: GlmtuneConfig) -> None:
+    """One line naming the flag and its allowed range for the first value outside it."""
+    for name, (allowed, description) in RANGES.items():
+        value = getattr(config, name)
+        try:
+            valid = not isinstance(value, (bool, str)) and (not isinstance(value, float) or math.isfinite(value)) and allowed(value)
+        except TypeError:  # a YAML value of the wrong type, e.g. a list
+            valid = False
+        if not valid:
+            raise GlmtuneError(f"--{name} must be {description}, got {value!r}")
+    for name, choices in CHOICES.items():
+        value = getattr(config, name)
+        if value not in choices():
+            raise GlmtuneError(f"--{name} must be one of {', '.join(choices())}, got {value}")

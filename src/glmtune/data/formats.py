@@ -77,31 +77,58 @@ def read_conversations(path: str | Path, options: FormatOptions, skip_bad_record
         logger.warning("%s: skipped %d bad record(s) (--skip_bad_records)", path, report.skipped)
     if not report.conversations:
         raise GlmtuneError(f"{path}: no usable records (the file is empty or every record was bad)")
+    if options.require_response and not any(has_answer(c) for c in report.conversations):
+        raise GlmtuneError(f"{path}: every answer is empty ({_answer_key(options)}); there is nothing to learn or score")
     return report.conversations
 
 
+def has_answer(conversation: Conversation) -> bool:
+    """Whether an answer that carries the loss has any non-blank text."""
+    return any(turn.answer.strip() for turn in conversation.turns if turn.trains)
+
+
+def _answer_key(options: FormatOptions) -> str:
+    return {"columns": f"key '{options.response_column}'", "alpaca": "key 'output'"}.get(options.dataset_format, "the gpt turns")
+
+
 def _raw_records(path: Path, skip_bad_records: bool, report: LoadReport):
-    text = path.read_text(encoding="utf-8-sig")
-    if text.lstrip().startswith("["):
+    data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark
+    if data.lstrip().startswith(b"["):
         try:
-            records = json.loads(text)
+            records = json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError as error:
+            raise GlmtuneError(_not_utf8(path, data, error)) from None
         except json.JSONDecodeError as error:
             raise GlmtuneError(f"{path}:{error.lineno}: not valid JSON ({error.msg}, column {error.colno})") from None
         # A JSON array has no line per record; name the record by its 1-based index.
         for index, record in enumerate(records, start=1):
             yield f"{path}:record {index}", record
         return
-    for line_number, line in enumerate(text.splitlines(), start=1):
+    # Records end at "\n" only: str.splitlines() would also split at U+2028, U+0085 and others, which
+    # JSON allows unescaped inside strings. A "\n" byte is never part of a multi-byte UTF-8 character.
+    for line_number, line in enumerate(data.split(b"\n"), start=1):
         if not line.strip():
             continue
         try:
-            yield f"{path}:{line_number}", json.loads(line)
-        except json.JSONDecodeError as error:
-            message = f"{path}:{line_number}: not valid JSON ({error.msg}, column {error.colno})"
+            yield f"{path}:{line_number}", json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            if isinstance(error, UnicodeDecodeError):
+                message = _not_utf8(path, line, error, line_number)
+            else:
+                message = f"{path}:{line_number}: not valid JSON ({error.msg}, column {error.colno})"
             if not skip_bad_records:
                 raise GlmtuneError(message) from None
             report.skipped += 1
             logger.debug("skipped %s", message)
+
+
+def _not_utf8(path: Path, data: bytes, error: UnicodeDecodeError, line_number: int | None = None) -> str:
+    """``file:line: not UTF-8`` for the first undecodable byte of ``data`` (one line, or the whole file)."""
+    if line_number is None:
+        line_number = data.count(b"\n", 0, error.start) + 1
+    column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+    return (f"{path}:{line_number}: not UTF-8 (byte 0x{data[error.start]:02x} at byte column {column}); "
+            "save the file as UTF-8")
 
 
 def _string(record: dict, key: str, where: str, required: bool = True) -> str | None:

@@ -7,7 +7,6 @@ converted folder then loads in seconds.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 
 from glmtune.errors import GlmtuneError
+from glmtune.files import check_model_folder, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +103,7 @@ def resolve_model_source(name_or_path: str | None) -> str:
     if path.exists():
         if not (path / "config.json").is_file():
             raise GlmtuneError(f"{path} is not a model folder (no config.json)")
+        check_model_folder(path)
         return str(path)
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         raise GlmtuneError(f"model path not found: {name_or_path}")
@@ -112,7 +113,7 @@ def resolve_model_source(name_or_path: str | None) -> str:
 def read_config_dict(source: str) -> dict:
     config_file = Path(source) / "config.json"
     if config_file.is_file():
-        return json.loads(config_file.read_text(encoding="utf-8"))
+        return read_json(config_file)
     return {}
 
 

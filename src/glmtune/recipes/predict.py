@@ -9,10 +9,12 @@ from pathlib import Path
 from rich.console import Console
 
 from glmtune.config import GlmtuneConfig
+from glmtune.data.formats import has_answer
 from glmtune.errors import GlmtuneError
 from glmtune.eval.generation import GenerationSettings, generate_texts
 from glmtune.eval.metrics import compute_metrics
 from glmtune.eval.report import ComparisonExample, RunResult, format_comparison_text, write_comparison
+from glmtune.files import prepare_output_dir
 from glmtune.recipes.common import ModelBundle, load_for_inference, prompts_for, read_data
 
 console = Console(stderr=True)
@@ -36,14 +38,17 @@ def run_predict(config: GlmtuneConfig) -> dict:
     if not data_file:
         raise GlmtuneError("predict needs --test_file (or --validation_file)")
     conversations = read_data(data_file, config, config.max_predict_samples, require_response=False)
+    output_dir = prepare_output_dir(config.output_dir)  # before generating, which may take hours
     bundle = load_for_inference(config)
     predictions, seconds = _predict_with(bundle, conversations, config)
     labels = [c.turns[-1].answer for c in conversations]
-    output_dir = Path(config.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     lines = "".join(json.dumps({"labels": l, "predict": p}, ensure_ascii=False) + "\n" for l, p in zip(labels, predictions))
     (output_dir / "generated_predictions.txt").write_text(lines, encoding="utf-8")
-    results = {f"predict_{k}": v for k, v in compute_metrics(predictions, labels).items()}
+    if any(has_answer(c) for c in conversations):
+        results = {f"predict_{k}": v for k, v in compute_metrics(predictions, labels).items()}
+    else:  # prompts without answers: nothing to score against, and scores of 0 would be a wrong result
+        console.print(f"[bold yellow]glmtune[/]: {data_file} has no answers; predictions written, not scored")
+        results = {}
     results.update(predict_runtime=round(seconds, 4), predict_samples=len(predictions),
                    predict_samples_per_second=round(len(predictions) / seconds, 3))
     (output_dir / "predict_results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")

@@ -25,6 +25,7 @@ from transformers import get_scheduler, set_seed
 from glmtune.config import GlmtuneConfig
 from glmtune.data.preprocess import Example, pad_id
 from glmtune.errors import GlmtuneError
+from glmtune.files import prepare_output_dir
 from glmtune.methods import Method
 from glmtune.models.introspect import decoder_layers, parameter_dtype
 from glmtune.train.distributed import (
@@ -131,8 +132,7 @@ def check_output_dir(config: GlmtuneConfig) -> Path:
     output_dir = Path(config.output_dir)
     if output_dir.is_dir() and any(output_dir.iterdir()) and not (config.overwrite_output_dir or config.resume_from_checkpoint):
         raise GlmtuneError(f"--output_dir {output_dir} is not empty; pass --overwrite_output_dir or choose another")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    return output_dir
+    return prepare_output_dir(output_dir)
 
 
 class _Loggers:
