@@ -44,6 +44,19 @@ class GlmtuneConfig:
     template: Literal["auto", "chat", "chatglm", "plain"] = _help(
         "Prompt template: auto = the tokenizer's chat template if it has one, else chatglm.", default="auto"
     )
+    resize_vocab: bool = _help(
+        "Resize the embeddings (and an untied LM head) to the tokenizer's size; new rows start as the mean of "
+        "the embeddings of the old tokens their text splits into. Implied by --add_tokens and --new_tokenizer.",
+        default=False,
+    )
+    add_tokens: str | None = _help(
+        "Text file with one new token per line, added to the tokenizer before training (vocabulary extension).",
+        default=None,
+    )
+    new_tokenizer: str | None = _help(
+        "A tokenizer folder that extends the model's (the same ids for the old tokens, new ones after them).",
+        default=None,
+    )
 
     # ---- data ----
     train_file: str | None = _help("Training data: JSON array or JSON lines.", default=None)
@@ -64,6 +77,7 @@ class GlmtuneConfig:
     max_predict_samples: int | None = _help("Use only the first N test records.", default=None)
     skip_bad_records: bool = _help("Skip malformed records with a counted warning instead of stopping.", default=False)
     overwrite_cache: bool = _help("Accepted for the seed's scripts; glmtune keeps no dataset cache.", default=False)
+    text_column: str = _help("--stage pt: key of the document text in JSON/JSONL records.", default="text")
 
     # ---- method ----
     finetuning_type: Literal["lora", "ptuning", "freeze", "full"] | None = _help(
@@ -84,6 +98,10 @@ class GlmtuneConfig:
     )
     adapter_name_or_path: str | None = _help("Trained glmtune output or checkpoint to load onto the base.", default=None)
     ptuning_checkpoint: str | None = _help("The ChatGLM2 seed's name for a prefix checkpoint.", default=None)
+    additional_target: str | None = _help(
+        "Comma-separated modules trained in full next to LoRA or freeze, e.g. embed_tokens,lm_head after a "
+        "vocabulary extension (LoRA: PEFT's modules_to_save).", default=None
+    )
 
     # ---- training ----
     output_dir: str = _help("Where checkpoints, logs and results go.", default="output/glmtune")
@@ -125,6 +143,19 @@ class GlmtuneConfig:
     torch_compile: bool = _help("Compile each transformer layer with torch.compile (GPU; first steps are slow).", default=False)
     seed: int = _help("Random seed for init, data order and dropout.", default=42)
     report_to: str = _help("Extra loggers: tensorboard, none.", default="tensorboard")
+    stage: Literal["sft", "pt", "dpo"] = _help(
+        "Training objective: sft (answers only), pt (raw text, loss on every token), dpo (preference pairs).",
+        default="sft",
+    )
+    pref_loss: Literal["sigmoid", "ipo", "orpo", "simpo"] = _help(
+        "--stage dpo: sigmoid (DPO), ipo, orpo or simpo (orpo and simpo need no reference model).", default="sigmoid"
+    )
+    pref_beta: float = _help("--stage dpo: beta of the preference loss (ORPO: the odds-ratio weight).", default=0.1)
+    simpo_gamma: float = _help("--stage dpo --pref_loss simpo: the target reward margin gamma.", default=0.5)
+    precompute_ref_logps: bool = _help(
+        "--stage dpo: compute the reference log-probabilities once before training instead of running the "
+        "reference model every step (full and freeze then need no frozen copy).", default=False
+    )
 
     # ---- generation (predict, chat, serve) ----
     predict_with_generate: bool = _help("Accepted for the seed's scripts; predict always generates.", default=True)
