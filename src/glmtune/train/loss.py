@@ -54,19 +54,36 @@ def _final_hidden_states(model: nn.Module, lm: PreTrainedModel, input_ids: torch
     return captured[0]
 
 
+def label_rows(labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices (into ``[batch × length]``) of the positions whose next token has a label.
+
+    Position t predicts token t + 1, so the labels shift left, as in transformers' loss. Computed on
+    the CPU batch by the training loop: ``nonzero()`` on a device tensor waits for the device.
+    """
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100).flatten()
+    return (targets != -100).nonzero().squeeze(1)
+
+
 def label_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
-    """Mean float32 cross-entropy over the positions whose next token has a label (not -100).
+    """Mean float32 cross-entropy over the label tokens (see ``label_loss_sum``)."""
+    rows = label_rows(labels)
+    return label_loss_sum(model, input_ids, labels, rows, chunk_rows) / max(rows.numel(), 1)
+
+
+def label_loss_sum(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor | None = None,
+                   chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
+    """Float32 cross-entropy summed over the positions whose next token has a label (not -100).
 
     ``model`` is what the training loop steps (a causal LM, possibly wrapped); call it under the
-    training autocast. With more label rows than one chunk, each chunk is recomputed in backward
-    (``torch.utils.checkpoint``), so only one chunk's logits exist at a time; a single chunk is kept,
-    since recomputing it could not lower the peak (backward starts right after it).
+    training autocast. ``rows`` are ``label_rows(labels)``, found before the batch moved to the device
+    (otherwise found here, which synchronizes). With more label rows than one chunk, each chunk is
+    recomputed in backward (``torch.utils.checkpoint``), so only one chunk's logits exist at a time; a
+    single chunk is kept, since recomputing it could not lower the peak (backward starts right after it).
     """
-    # Position t predicts token t + 1: shift the labels left, as transformers' loss does. Finding the
-    # labelled rows synchronizes with the device, so do it before the forward is queued.
-    targets = F.pad(labels[:, 1:], (0, 1), value=-100).flatten()
-    rows = (targets != -100).nonzero().squeeze(1)
-    targets = targets[rows]
+    if rows is None:
+        rows = label_rows(labels)
+    rows = rows.to(labels.device, non_blocking=True)
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100).flatten().index_select(0, rows)
     lm = causal_lm(model)
     hidden = _final_hidden_states(model, lm, input_ids).flatten(0, 1)
     if rows.numel() == 0:
@@ -89,4 +106,4 @@ def label_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, 
             total = total + torch.utils.checkpoint.checkpoint(chunk_loss, *chunk, use_reentrant=False)
         else:
             total = total + chunk_loss(*chunk)
-    return total / rows.numel()
+    return total

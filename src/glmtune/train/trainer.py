@@ -23,11 +23,12 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler, set_seed
 
 from glmtune.config import GlmtuneConfig
-from glmtune.data.preprocess import Example, collate, pad_id
+from glmtune.data.preprocess import Example, pad_id
 from glmtune.errors import GlmtuneError
 from glmtune.methods import Method
 from glmtune.models.introspect import decoder_layers, parameter_dtype
 from glmtune.train.distributed import (
+    ProcessGroup,
     gather_model_state,
     is_sharded_checkpoint,
     load_model_state,
@@ -46,7 +47,7 @@ from glmtune.train.checkpoint import (
     set_rng_state,
     write_run_record,
 )
-from glmtune.train.loss import label_loss, supports_label_loss
+from glmtune.train.objectives import Objective, SFTObjective
 
 logger = logging.getLogger(__name__)
 
@@ -162,40 +163,159 @@ class _Loggers:
 
 
 def _loss(model: nn.Module, batch: dict, autocast: torch.autocast, label_only: bool = True) -> torch.Tensor:
-    """Mean loss over the batch's label tokens; ``label_only=False`` lets the model compute its own
-    (logits at every position), the slower path ``label_loss`` is checked against."""
+    """Mean loss over one batch's label tokens; ``label_only=False`` lets the model compute its own
+    (logits at every position), the slower path the label-only loss is checked against."""
+    objective = SFTObjective(label_only)
     with autocast:
-        # No KV cache in training: a checkpointed layer would append to it again when replayed.
-        # No attention mask either: rows are right-padded, so under the causal mask no real token
-        # sees a pad, and without a mask SDPA can take its fastest (flash) kernel.
-        if label_only and supports_label_loss(model):
-            return label_loss(model, batch["input_ids"], batch["labels"])
-        outputs = model(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False)
-        return outputs.loss.float()
+        loss_sum, _ = objective.loss(model, batch)
+    return loss_sum / max(objective.units(batch), 1)
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy without waiting: from pageable memory ``.to("cuda")`` synchronizes the stream; from
+    pinned memory with ``non_blocking`` it is queued behind the work already on the device."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def _token_count(batch: dict[str, torch.Tensor]) -> int:
+    """Non-pad tokens of a CPU batch, for tokens/s (the objective marks them with ``*attention_mask`` keys)."""
+    return sum(int(value.sum()) for key, value in batch.items() if key.endswith("attention_mask"))
 
 
 @torch.no_grad()
-def evaluate_loss(model: nn.Module, examples: list[Example], batch_size: int, padding: int, autocast) -> float:
-    """Token-weighted mean loss over ``examples``."""
+def evaluate_loss(model: nn.Module, examples: list[Example], batch_size: int, padding: int, autocast,
+                  objective: Objective = SFTObjective()) -> float:
+    """The objective's loss averaged over all its units in ``examples`` (label tokens for SFT)."""
     was_training = model.training
     model.eval()
-    total, tokens = 0.0, 0
     device = next(model.parameters()).device
+    total, units = torch.zeros((), device=device), 0
     for start in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size], padding).items()}
-        count = int((batch["labels"][:, 1:] != -100).sum())
-        total += _loss(model, batch, autocast).item() * count
-        tokens += count
+        collated = objective.collate(examples[start : start + batch_size], padding)
+        units += objective.units(collated)
+        with autocast:
+            total += objective.loss(model, {k: _to_device(v, device) for k, v in collated.items()})[0].float()
     model.train(was_training)
-    return total / max(tokens, 1)
+    return total.item() / max(units, 1)
+
+
+def _prepare_layers(model: nn.Module, config: GlmtuneConfig) -> None:
+    if config.torch_compile:
+        # Each layer's forward, compiled on its own: small graphs that compile fast, and the checkpoint
+        # wrapper below stays outside the compiled region (inductor cannot partition a checkpoint inside one).
+        for layer in decoder_layers(model):
+            layer.forward = torch.compile(layer.forward, dynamic=True)
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model, config.gradient_checkpointing_layers)
+
+
+@dataclass
+class _TrainingState:
+    """What a checkpoint holds and a resume restores, and who holds it (rank 0, or every rank's shards)."""
+
+    trained_model: nn.Module  # what the method saves (the model without DDP/FSDP wrappers)
+    method: Method
+    trainable: dict[str, nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    group: ProcessGroup
+    fsdp: bool
+    record: dict
+    steps: int
+
+
+def _resume(state: _TrainingState, checkpoint: Path) -> int:
+    """Load the trained tensors, optimizer, scheduler and RNG state of ``checkpoint``; return its step."""
+    if is_sharded_checkpoint(checkpoint):  # written by FSDP ranks; resharded to this run's processes
+        load_sharded(state.trained_model, state.optimizer, checkpoint, list(state.trainable))
+    else:
+        if state.fsdp:
+            load_model_state(state.trained_model, state.method.read_state(checkpoint))
+        else:
+            state.method.restore(state.trained_model, checkpoint)
+        load_optimizer_state(state.trained_model, state.optimizer, torch.load(checkpoint / "optimizer.pt", weights_only=False))
+    state.scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=False))
+    rng_states = torch.load(checkpoint / "rng_state.pt", weights_only=False)
+    # One state per rank; resumed on more ranks than were saved, the extra ranks take rank 0's.
+    group = state.group
+    set_rng_state(rng_states[group.rank] if group.rank < len(rng_states) else rng_states[0])
+    step = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
+    logger.info("resuming from %s at step %d", checkpoint, step)
+    return step
+
+
+def _write_checkpoint(state: _TrainingState, folder: Path, step: int) -> None:
+    """Called by every rank. With FSDP each rank writes its shards of the trained tensors and optimizer
+    state (no gather); otherwise rank 0 writes them whole. Rank 0 writes the rest."""
+    group = state.group
+    rng_states = group.gather(rng_state())
+    if state.fsdp:
+        save_sharded(state.trained_model, state.optimizer, folder, list(state.trainable))
+    else:
+        optimizer_states = optimizer_state(state.trained_model, state.optimizer)
+        if group.is_main:
+            state.method.save(state.trained_model, folder)
+            torch.save(optimizer_states, folder / "optimizer.pt")
+    if group.is_main:
+        torch.save(state.scheduler.state_dict(), folder / "scheduler.pt")
+        torch.save(rng_states, folder / "rng_state.pt")
+        (folder / "trainer_state.json").write_text(json.dumps({"step": step, "max_steps": state.steps}))
+        write_run_record(folder, state.record)
+
+
+def _save_output(state: _TrainingState, tokenizer, output_dir: Path, result: TrainResult) -> None:
+    """The final output: one ordinary folder, whatever the process count (FSDP shards are gathered to rank 0)."""
+    final_model_state = gather_model_state(state.trained_model) if state.fsdp else None
+    if not state.group.is_main:
+        return
+    state.method.save_output(state.trained_model, output_dir, final_model_state)
+    write_run_record(output_dir, {**state.record, "steps": state.steps})
+    if state.method.name == "full":
+        tokenizer.save_pretrained(str(output_dir))
+    (output_dir / "train_results.json").write_text(json.dumps({
+        "steps": state.steps, "final_loss": result.losses[-1] if result.losses else None,
+        "train_runtime": result.train_seconds, "eval_losses": result.eval_losses,
+    }, indent=2))
+
+
+class _StepLosses:
+    """Each step's loss (and metrics), kept on the device until ``collect`` reads them all in one sync.
+
+    Reading a loss with ``.item()`` makes the CPU wait for the GPU to finish the step, and the GPU then
+    idles while the CPU collates and queues the next one; so the loop reads them only at logging,
+    evaluation and saving steps. A non-finite loss still stops the run, naming its step.
+    """
+
+    def __init__(self):
+        self.pending: list[tuple[int, torch.Tensor, dict[str, torch.Tensor]]] = []
+
+    def add(self, step: int, loss: torch.Tensor, metrics: dict[str, torch.Tensor]) -> None:
+        self.pending.append((step, loss.detach(), {k: v.detach() for k, v in metrics.items()}))
+
+    def collect(self) -> list[tuple[float, dict[str, float]]]:
+        if not self.pending:
+            return []
+        names = list(self.pending[0][2])
+        values = torch.stack([torch.stack([loss, *(metrics[n] for n in names)]).float()
+                              for _, loss, metrics in self.pending]).tolist()
+        steps = [step for step, _, _ in self.pending]
+        self.pending = []
+        for step, (loss, *_) in zip(steps, values):
+            if not math.isfinite(loss):
+                raise GlmtuneError(f"loss is {loss} at step {step}; stopping (try a lower --learning_rate)")
+        return [(loss, dict(zip(names, metrics))) for loss, *metrics in values]
 
 
 def train(
     model: nn.Module, tokenizer, method: Method, config: GlmtuneConfig, train_examples: list[Example],
     eval_examples: list[Example] | None = None, run_record: dict | None = None,
     generation_metrics: Callable[[nn.Module], dict[str, float]] | None = None,
+    objective: Objective = SFTObjective(),
 ) -> TrainResult:
-    """Train ``model`` (already prepared by ``method.apply``) and save the result in ``config.output_dir``.
+    """Train ``model`` (already prepared by ``method.apply``) on ``objective`` and save the result in
+    ``config.output_dir``.
 
     ``generation_metrics(model)``, when given, runs at each evaluation next to the validation loss.
     """
@@ -206,20 +326,13 @@ def train(
     dtype = compute_dtype(model, config)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16 and device.type == "cuda")
-    if config.torch_compile:
-        # Each layer's forward, compiled on its own: small graphs that compile fast, and the checkpoint
-        # wrapper below stays outside the compiled region (inductor cannot partition a checkpoint inside one).
-        for layer in decoder_layers(model):
-            layer.forward = torch.compile(layer.forward, dynamic=True)
-    if config.gradient_checkpointing:
-        enable_gradient_checkpointing(model, config.gradient_checkpointing_layers)
-
+    _prepare_layers(model, config)
     fsdp = config.fsdp and group.world_size > 1
     if config.fsdp and method.name not in ("full", "freeze"):
         raise GlmtuneError("--fsdp is for full and freeze fine-tuning; LoRA and P-Tuning v2 train with DDP (drop --fsdp)")
     # Wrap before the optimizer exists: FSDP replaces the parameters with their shards.
-    model = wrap(model, group, fsdp)
-    trained_model = unwrap(model)  # what the method saves; `model` is what steps
+    model = wrap(model, group, fsdp)  # `model` is what steps
+    trained_model = unwrap(model)
     trainable = method.trainable_parameters(trained_model)
     parameters = list(trainable.values())
     if not parameters:
@@ -228,74 +341,45 @@ def train(
     steps = total_steps(config, len(train_examples))
     scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=steps)
     record = {**(run_record or {}), "finetuning_type": method.name, "config": config.to_dict()}
-
-    start_step = 0
+    state = _TrainingState(trained_model, method, trainable, optimizer, scheduler, group, fsdp, record, steps)
     if config.resume_from_checkpoint:
-        checkpoint = resolve_resume(output_dir, config.resume_from_checkpoint)
-        if is_sharded_checkpoint(checkpoint):  # written by FSDP ranks; resharded to this run's processes
-            load_sharded(trained_model, optimizer, checkpoint, list(trainable))
-        else:
-            if fsdp:
-                load_model_state(trained_model, method.read_state(checkpoint))
-            else:
-                method.restore(trained_model, checkpoint)
-            load_optimizer_state(trained_model, optimizer, torch.load(checkpoint / "optimizer.pt", weights_only=False))
-        scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=False))
-        rng_states = torch.load(checkpoint / "rng_state.pt", weights_only=False)
-        # One state per rank; resumed on more ranks than were saved, the extra ranks take rank 0's.
-        set_rng_state(rng_states[group.rank] if group.rank < len(rng_states) else rng_states[0])
-        start_step = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
-        logger.info("resuming from %s at step %d", checkpoint, start_step)
+        start_step = _resume(state, resolve_resume(output_dir, config.resume_from_checkpoint))
     else:
+        start_step = 0
         set_seed(config.seed + group.rank)  # ranks share the initial weights (DDP broadcasts) but not dropout
-
-    def write_checkpoint(folder: Path, step: int) -> None:
-        """Called by every rank. With FSDP each rank writes its shards of the trained tensors and optimizer
-        state (no gather); otherwise rank 0 writes them whole. Rank 0 writes the rest."""
-        rng_states = group.gather(rng_state())
-        if fsdp:
-            save_sharded(trained_model, optimizer, folder, list(trainable))
-        else:
-            optimizer_states = optimizer_state(trained_model, optimizer)
-            if group.is_main:
-                method.save(trained_model, folder)
-                torch.save(optimizer_states, folder / "optimizer.pt")
-        if group.is_main:
-            torch.save(scheduler.state_dict(), folder / "scheduler.pt")
-            torch.save(rng_states, folder / "rng_state.pt")
-            (folder / "trainer_state.json").write_text(json.dumps({"step": step, "max_steps": steps}))
-            write_run_record(folder, record)
 
     loggers = _Loggers(output_dir, config.report_to, append=start_step > 0) if group.is_main else None
     padding = pad_id(tokenizer)
-    lengths = [len(e.input_ids) for e in train_examples] if config.group_by_length else None
+    lengths = [objective.length(e) for e in train_examples] if config.group_by_length else None
     data_order = DataOrder(len(train_examples), config.per_device_train_batch_size * group.world_size, config.seed, lengths)
+    accumulation = config.gradient_accumulation_steps
     eval_every = config.eval_steps or config.save_steps
     result = TrainResult(output_dir, steps)
+    step_losses = _StepLosses()
     model.train()
     started = time.perf_counter()
-    window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+    window, window_tokens, window_start = [], 0, time.perf_counter()  # the steps since the last log
     progress = tqdm(total=steps, initial=start_step, desc="training", unit="step", disable=not group.is_main)
     try:
         for step in range(start_step + 1, steps + 1):
-            step_loss = 0.0
-            for micro in range(config.gradient_accumulation_steps):
-                micro_index = (step - 1) * config.gradient_accumulation_steps + micro
-                indices = data_order.batch(micro_index, group.rank, group.world_size)
-                collated = collate([train_examples[i] for i in indices], padding)
-                window_tokens += int(collated["attention_mask"].sum())  # this rank's, on the CPU: no sync
-                batch = {k: v.to(device) for k, v in collated.items()}
-                # Weight each rank's mean loss by its answer tokens, so the step's loss and gradients
-                # are the mean over all answer tokens of the global batch, whatever the process count.
-                local_tokens = (batch["labels"][:, 1:] != -100).sum()
-                global_tokens = group.sum(local_tokens)
-                loss_sum = _loss(model, batch, autocast) * local_tokens
-                loss = group.sum(loss_sum.detach()) / global_tokens
-                if not torch.isfinite(loss):
-                    raise GlmtuneError(f"loss is {loss.item()} at step {step}; stopping (try a lower --learning_rate)")
-                scaled = loss_sum * group.world_size / global_tokens  # DDP averages over ranks
-                scaler.scale(scaled / config.gradient_accumulation_steps).backward()
-                step_loss += loss.item() / config.gradient_accumulation_steps
+            batches = [objective.collate([train_examples[i] for i in data_order.batch(micro_index, group.rank, group.world_size)], padding)
+                       for micro_index in range((step - 1) * accumulation, step * accumulation)]
+            # The loss of a step is its sum over the units (answer tokens) of all micro-batches on all ranks
+            # divided by their count, whatever the process count and accumulation; DDP averages over ranks.
+            units = max(sum(objective.units(batch) for batch in batches), 1)
+            if group.world_size > 1:  # on the device, as NCCL needs; the division below stays there too
+                units = group.sum(_to_device(torch.tensor(float(units)), device))
+            scale = group.world_size / units
+            step_loss, step_metrics = torch.zeros((), device=device), {}
+            for collated in batches:
+                window_tokens += _token_count(collated)  # this rank's, on the CPU: no sync
+                with autocast:
+                    loss_sum, metric_sums = objective.loss(model, {k: _to_device(v, device) for k, v in collated.items()})
+                scaler.scale(loss_sum * scale).backward()
+                step_loss += loss_sum.detach()
+                for name, value in metric_sums.items():
+                    step_metrics[name] = step_metrics.get(name, 0) + value.detach()
+            step_losses.add(step, group.sum(step_loss) / units, {name: group.sum(value) / units for name, value in step_metrics.items()})
             if config.max_grad_norm:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
@@ -303,51 +387,53 @@ def train(
             scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            result.losses.append(step_loss)
-            window_loss += step_loss
-            window_seconds = max(time.perf_counter() - window_start, 1e-9)
             progress.update(1)
+            logging_step = step % config.logging_steps == 0 or step == steps
+            evaluation_step = bool(config.do_eval and eval_examples and eval_every and step % eval_every == 0)
+            saving_step = bool(config.save_steps and step % config.save_steps == 0)
+            if logging_step or evaluation_step or saving_step:  # read the losses (one sync), check them before a save
+                collected = step_losses.collect()
+                result.losses.extend(loss for loss, _ in collected)
+                window.extend(collected)
+            window_seconds = max(time.perf_counter() - window_start, 1e-9)
             # Summing the ranks' tokens is a collective, done at logging steps only; in between the bar shows
             # an estimate from rank 0's tokens, labelled as one.
             rate_label = "tokens_per_s" if group.world_size == 1 else "tokens_per_s_est"
-            progress.set_postfix({"loss": f"{step_loss:.4f}",
-                                  rate_label: f"{window_tokens * group.world_size / window_seconds:.0f}"})
-            if step % config.logging_steps == 0 or step == steps:
+            postfix = {rate_label: f"{window_tokens * group.world_size / window_seconds:.0f}"}
+            if result.losses:
+                postfix = {"loss": f"{result.losses[-1]:.4f}", **postfix}
+            progress.set_postfix(postfix)
+            if logging_step:
                 tokens_per_second = int(group.sum(torch.tensor(window_tokens, device=device))) / window_seconds
                 if loggers:
-                    interval = step % config.logging_steps or config.logging_steps
-                    loggers.log(step, {"loss": window_loss / interval, "learning_rate": scheduler.get_last_lr()[0],
-                                       "tokens_per_s": tokens_per_second})
-                window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
-            if config.do_eval and eval_examples and eval_every and step % eval_every == 0:
-                eval_loss = evaluate_loss(trained_model, eval_examples, config.per_device_eval_batch_size or 8, padding, autocast)
-                result.eval_losses.append((step, eval_loss))
-                values = {"eval_loss": eval_loss}
-                if generation_metrics:
-                    with autocast:
-                        values.update({f"eval_{k}": v for k, v in generation_metrics(trained_model).items()})
-                    model.train()
-                if loggers:
-                    loggers.log(step, values)
-                    progress.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
-            if config.save_steps and step % config.save_steps == 0:
-                save_checkpoint(output_dir, step, lambda folder: write_checkpoint(folder, step),
+                    values = {"loss": sum(loss for loss, _ in window) / len(window)}
+                    values.update({name: sum(m[name] for _, m in window) / len(window) for name in window[0][1]})
+                    loggers.log(step, {**values, "learning_rate": scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_second})
+                window, window_tokens, window_start = [], 0, time.perf_counter()
+            if evaluation_step:
+                _evaluate(trained_model, model, eval_examples, config, padding, autocast, objective, generation_metrics,
+                          step, result, loggers, progress)
+            if saving_step:
+                save_checkpoint(output_dir, step, lambda folder: _write_checkpoint(state, folder, step),
                                 config.save_total_limit, group)
     finally:
         progress.close()
         if loggers:
             loggers.close()
     result.train_seconds = time.perf_counter() - started
-    # The output is one ordinary folder, whatever the process count: FSDP shards are gathered to rank 0.
-    final_model_state = gather_model_state(trained_model) if fsdp else None
-    if not group.is_main:
-        return result
-    method.save_output(trained_model, output_dir, final_model_state)
-    write_run_record(output_dir, {**record, "steps": steps})
-    if method.name == "full":
-        tokenizer.save_pretrained(str(output_dir))
-    (output_dir / "train_results.json").write_text(json.dumps({
-        "steps": steps, "final_loss": result.losses[-1] if result.losses else None,
-        "train_runtime": result.train_seconds, "eval_losses": result.eval_losses,
-    }, indent=2))
+    _save_output(state, tokenizer, output_dir, result)
     return result
+
+
+def _evaluate(trained_model: nn.Module, model: nn.Module, eval_examples: list[Example], config: GlmtuneConfig, padding: int,
+              autocast, objective: Objective, generation_metrics, step: int, result: TrainResult, loggers, progress) -> None:
+    eval_loss = evaluate_loss(trained_model, eval_examples, config.per_device_eval_batch_size or 8, padding, autocast, objective)
+    result.eval_losses.append((step, eval_loss))
+    values = {"eval_loss": eval_loss}
+    if generation_metrics:
+        with autocast:
+            values.update({f"eval_{k}": v for k, v in generation_metrics(trained_model).items()})
+        model.train()
+    if loggers:
+        loggers.log(step, values)
+        progress.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
