@@ -102,3 +102,27 @@ def resize_for_tokenizer(model: nn.Module, old_tokenizer, new_tokenizer) -> list
         model.config.vocab_size = model.get_input_embeddings().weight.shape[0]
     logger.info("vocabulary: %d -> %d tokens (new rows: mean of their old sub-token embeddings)", old_size, new_size)
     return new_ids
+
+
+def vocabulary_record(tokenizer, extended, add_tokens: str | None, new_tokenizer: str | None) -> dict:
+    """What a run record keeps to rebuild the training tokenizer from the base's, wherever a checkpoint is."""
+    if new_tokenizer:
+        return {"new_tokenizer": str(Path(new_tokenizer).resolve()), "size": len(extended)}
+    added = [extended.convert_ids_to_tokens(i) for i in range(len(tokenizer), len(extended))]
+    return {"added_tokens": added, "size": len(extended)}
+
+
+def tokenizer_for_output(folder: Path, base_tokenizer, record: dict):
+    """The tokenizer a trained output was trained with: the one saved in it, else rebuilt from its record."""
+    from glmtune.models.loading import load_tokenizer
+
+    if (Path(folder) / "tokenizer_config.json").is_file():
+        tokenizer = load_tokenizer(str(folder))
+    elif record.get("new_tokenizer"):
+        tokenizer = load_tokenizer(record["new_tokenizer"])
+    else:
+        tokenizer = copy.deepcopy(base_tokenizer)
+        tokenizer.add_tokens(record.get("added_tokens", []))
+    if len(tokenizer) != record["size"]:
+        raise GlmtuneError(f"{folder}: its tokenizer has {len(tokenizer)} tokens, the run trained with {record['size']}")
+    return tokenizer

@@ -24,21 +24,23 @@ from tqdm.auto import tqdm
 from glmtune.data.preference import PreferenceExample
 from glmtune.data.preprocess import IGNORE_INDEX, collate
 from glmtune.errors import GlmtuneError
-from glmtune.train.loss import CHUNK_ROWS, _final_hidden_states, causal_lm, supports_label_loss
+from glmtune.train.loss import CHUNK_ROWS, causal_lm, final_hidden_states, label_rows, supports_label_loss
 
 REFERENCE_FREE = ("orpo", "simpo")
 AVERAGED = ("ipo", "orpo", "simpo")
 
-# (model being trained, input_ids, labels) -> the reference model's summed answer log-probabilities per row.
-Reference = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+# (model being trained, input_ids, labels, label rows or None) -> the reference model's summed answer
+# log-probabilities per row.
+Reference = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
-def answer_logps(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
+def answer_logps(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor | None = None,
                  chunk_rows: int = CHUNK_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: the float32 sum of log p(label token) over its labelled positions, and their count.
 
-    As ``train.loss.label_loss``: where the model type allows, the LM head runs only on the labelled
+    As ``train.loss.label_loss_sum``: where the model type allows, the LM head runs only on the labelled
     positions' final hidden states, chunk by chunk (recomputed in backward), not on every position.
+    ``rows`` are ``label_rows(labels)`` found on the CPU batch (otherwise found here, which synchronizes).
     """
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
     mask = targets != IGNORE_INDEX
@@ -47,10 +49,10 @@ def answer_logps(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor
         logits = model(input_ids=input_ids, use_cache=False).logits.float()
         token_logps = logits.log_softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         return (token_logps * mask).sum(-1), counts
-    rows = mask.flatten().nonzero().squeeze(1)
+    rows = (label_rows(labels) if rows is None else rows).to(labels.device, non_blocking=True)
     flat_targets = targets.flatten()[rows]
     lm = causal_lm(model)
-    hidden = _final_hidden_states(model, lm, input_ids).flatten(0, 1).index_select(0, rows)
+    hidden = final_hidden_states(model, lm, input_ids).flatten(0, 1).index_select(0, rows)
     head = lm.get_output_embeddings()
     softcap = getattr(lm.config, "final_logit_softcapping", None)
 
@@ -97,9 +99,9 @@ def adapter_off_reference(base_view) -> Reference:
     """The reference is the trained model with its adapter switched off (``Method.base_view``)."""
     from glmtune.train.distributed import unwrap
 
-    def reference(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def reference(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, rows=None) -> torch.Tensor:
         with torch.no_grad(), base_view(unwrap(model)) as base:
-            return answer_logps(base, input_ids, labels)[0]
+            return answer_logps(base, input_ids, labels, rows)[0]
 
     return reference
 
@@ -107,9 +109,9 @@ def adapter_off_reference(base_view) -> Reference:
 def frozen_copy_reference(copy: nn.Module) -> Reference:
     copy.requires_grad_(False).eval()
 
-    def reference(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def reference(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, rows=None) -> torch.Tensor:
         with torch.no_grad():
-            return answer_logps(copy, input_ids, labels)[0]
+            return answer_logps(copy, input_ids, labels, rows)[0]
 
     return reference
 
@@ -134,6 +136,7 @@ class DPOObjective:
 
     def collate(self, examples: list[PreferenceExample], pad_id: int) -> dict[str, torch.Tensor]:
         batch = collate([e.chosen for e in examples] + [e.rejected for e in examples], pad_id)
+        batch["label_rows"] = label_rows(batch["labels"])  # on the CPU: no device sync in the loss
         if self.needs_reference and all(e.reference_logps is not None for e in examples):
             batch["reference_logps"] = torch.tensor([e.reference_logps[0] for e in examples]
                                                     + [e.reference_logps[1] for e in examples])
@@ -143,15 +146,15 @@ class DPOObjective:
         return batch["input_ids"].shape[0] // 2
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        input_ids, labels = batch["input_ids"], batch["labels"]
-        logps, counts = answer_logps(model, input_ids, labels)
+        input_ids, labels, rows = batch["input_ids"], batch["labels"], batch.get("label_rows")
+        logps, counts = answer_logps(model, input_ids, labels, rows)
         reference = None
         if self.needs_reference:
             reference = batch.get("reference_logps")
             if reference is None:
                 if self.reference is None:
                     raise GlmtuneError("--stage dpo: no reference model (use --precompute_ref_logps)")
-                reference = self.reference(model, input_ids, labels)
+                reference = self.reference(model, input_ids, labels, rows)
         if self.loss_type in AVERAGED:
             logps = logps / counts.clamp(min=1)
             reference = reference / counts.clamp(min=1) if reference is not None else None
@@ -184,7 +187,34 @@ class DPOObjective:
             chunk = examples[start : start + batch_size]
             batch = collate([e.chosen for e in chunk] + [e.rejected for e in chunk], pad_id)
             with autocast:
-                logps = self.reference(model, batch["input_ids"].to(device), batch["labels"].to(device)).cpu()
+                logps = self.reference(model, batch["input_ids"].to(device), batch["labels"].to(device), None).cpu()
             for index, example in enumerate(chunk):
                 example.reference_logps = (float(logps[index]), float(logps[len(chunk) + index]))
         model.train(was_training)
+
+
+@torch.no_grad()
+def preference_metrics(model: nn.Module, objective: DPOObjective, examples: list[PreferenceExample], pad_id: int,
+                       batch_size: int = 8) -> dict[str, float]:
+    """Loss and reward metrics averaged over ``examples`` (held-out pairs), the model in eval mode."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    totals: dict[str, float] = {}
+    for start in range(0, len(examples), batch_size):
+        batch = objective.collate(examples[start : start + batch_size], pad_id)
+        loss, metrics = objective.loss(model, {k: v.to(device) for k, v in batch.items()})
+        for name, value in {"loss": loss, **metrics}.items():
+            totals[name] = totals.get(name, 0.0) + float(value)
+    model.train(was_training)
+    return {name: value / len(examples) for name, value in totals.items()}
+
+
+def policy_reference() -> Reference:
+    """The model being trained as its own reference: only before its first step (precomputing)."""
+
+    def reference(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, rows=None) -> torch.Tensor:
+        with torch.no_grad():
+            return answer_logps(model, input_ids, labels, rows)[0]
+
+    return reference
