@@ -142,3 +142,67 @@ def test_precomputed_reference_gives_the_same_loss(tiny_llama, tiny_batch):
     assert "reference_logps" in batch
     stored, _ = DPOObjective("sigmoid", 0.1).loss(policy, batch)  # no reference model at all
     assert stored.item() == pytest.approx(live.item(), rel=1e-5)
+
+
+def dpo_config(model: Path, data: Path, output: Path, method: str, **overrides):
+    from glmtune.config import GlmtuneConfig
+
+    values = dict(do_train=True, model_name_or_path=str(model), train_file=str(data), output_dir=str(output), stage="dpo",
+                  finetuning_type=method, pre_seq_len=4, freeze_trainable_layers=1, per_device_train_batch_size=2,
+                  max_steps=6, learning_rate=1e-2, logging_steps=1, save_steps=3, report_to="none", seed=3,
+                  lora_dropout=0.0, max_source_length=32, max_target_length=32)
+    values.update(overrides)
+    return GlmtuneConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def pair_file(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("dpo") / "pairs.jsonl", PAIRS + PAIRS[:1])
+
+
+def read_log(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "train_log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method, options", [
+    ("lora", {}),                                   # reference: the adapter switched off
+    ("ptuning", {"learning_rate": 0.2}),            # reference: the model without its prefix
+    ("freeze", {}),                                 # reference: a frozen copy
+    ("full", {"precompute_ref_logps": True}),       # reference: log-probs computed before training
+    ("lora", {"pref_loss": "simpo"}),               # reference-free
+    ("lora", {"pref_loss": "orpo"}),
+    ("lora", {"pref_loss": "ipo"}),
+])
+def test_dpo_trains_each_method_and_logs_rewards(tiny_llama, pair_file, tmp_path, method, options):
+    from glmtune.recipes.train import run_train
+
+    result = run_train(dpo_config(tiny_llama, pair_file, tmp_path / "out", method, **options))
+    log = read_log(tmp_path / "out")
+    assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"} <= set(log[0])
+    if options.get("pref_loss", "sigmoid") == "sigmoid" and method != "ptuning":
+        # Before the first update the policy is its reference: DPO's loss is log 2 and every reward 0.
+        assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+        assert log[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
+    assert result.losses[-1] < result.losses[0]
+    assert log[-1]["rewards/margins"] > log[0]["rewards/margins"]
+    assert log[-1]["rewards/accuracies"] > 0.5
+
+
+def test_dpo_resume_gives_the_same_losses(tiny_llama, pair_file, tmp_path):
+    from glmtune.recipes.train import run_train
+
+    uninterrupted = run_train(dpo_config(tiny_llama, pair_file, tmp_path / "a", "lora"))
+    resumed = run_train(dpo_config(tiny_llama, pair_file, tmp_path / "b", "lora",
+                                   resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3")))
+    assert resumed.losses == pytest.approx(uninterrupted.losses[3:], abs=1e-6)
+
+
+def test_dpo_eval_logs_held_out_rewards(tiny_llama, pair_file, tmp_path):
+    from glmtune.recipes.train import run_train
+
+    run_train(dpo_config(tiny_llama, pair_file, tmp_path / "out", "lora", do_eval=True, validation_file=str(pair_file),
+                         eval_steps=3))
+    evaluations = [entry for entry in read_log(tmp_path / "out") if "eval_loss" in entry]
+    assert len(evaluations) == 2
+    assert evaluations[-1]["eval_rewards/accuracies"] >= 0.5
+    assert evaluations[-1]["eval_rewards/margins"] > evaluations[0]["eval_rewards/margins"]
