@@ -65,3 +65,42 @@ def train_tiny(model: Path, output: Path, method: str, steps: int = 3, save_step
         learning_rate={"ptuning": 0.5}.get(method, 5e-2), max_train_samples=samples, report_to="none",
     ))
     return output
+
+
+GLM4_SPECIALS = ["[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"]
+# GLM-4's chat template for plain chats (THUDM/glm-4-9b-chat-hf renders these turns the same way).
+GLM4_CHAT_TEMPLATE = (
+    "[gMASK]<sop>{% for message in messages %}{% if message['role'] == 'assistant' %}<|assistant|>\n"
+    "{{ message['content'] }}{% else %}<|{{ message['role'] }}|>\n{{ message['content'] }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def build_glm_tokenizer() -> PreTrainedTokenizerFast:
+    """The character tokenizer with GLM-4's special tokens, chat template and [gMASK]<sop> text start."""
+    tokenizer = build_tokenizer(corpus_texts())
+    tokenizer.add_special_tokens({"eos_token": "<|endoftext|>", "additional_special_tokens": GLM4_SPECIALS})
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+        single="[gMASK] <sop> $A", special_tokens=[(t, tokenizer.convert_tokens_to_ids(t)) for t in ("[gMASK]", "<sop>")])
+    tokenizer.chat_template = GLM4_CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_glm_folder(folder: Path, architecture: str, seed: int = 0) -> Path:
+    """transformers' native GLM-4 models: ``glm`` (GLM-4-9B-0414's predecessor, GlmForCausalLM) or ``glm4``
+    (Glm4ForCausalLM), tiny, with GLM-4's chat template; generation stops at <|endoftext|> or <|user|>."""
+    from transformers import Glm4Config, Glm4ForCausalLM, GlmConfig, GlmForCausalLM
+
+    tokenizer = build_glm_tokenizer()
+    user = tokenizer.convert_tokens_to_ids("<|user|>")
+    common = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                  pad_token_id=tokenizer.pad_token_id, eos_token_id=[tokenizer.eos_token_id, user])
+    torch.manual_seed(seed)
+    classes = {"glm": (GlmConfig, GlmForCausalLM), "glm4": (Glm4Config, Glm4ForCausalLM)}
+    config_class, model_class = classes[architecture]
+    model = model_class(config_class(**common))
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, user]
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -53,6 +53,19 @@ class ModelConfig:
         "a LLaMA-Factory name (qwen3, llama3, ...) = the tokenizer's chat template (*_nothink: thinking off).",
         default="auto",
     )
+    resize_vocab: bool = _help(
+        "Resize the embeddings (and an untied LM head) to the tokenizer's size; new rows start as the mean of "
+        "the embeddings of the old tokens their text splits into. Implied by --add_tokens and --new_tokenizer.",
+        default=False,
+    )
+    add_tokens: str | None = _help(
+        "Text file with one new token per line, added to the tokenizer before training (vocabulary extension).",
+        default=None,
+    )
+    new_tokenizer: str | None = _help(
+        "A tokenizer folder that extends the model's (the same ids for the old tokens, new ones after them).",
+        default=None,
+    )
 
 
 @dataclass
@@ -91,6 +104,7 @@ class DataConfig:
     val_size: float = _help(
         "Hold out this fraction (< 1) or number of training records for validation; turns on --do_eval.", default=0.0
     )
+    text_column: str = _help("--stage pt: key of the document text in JSON/JSONL records.", default="text")
 
 
 @dataclass
@@ -115,6 +129,10 @@ class MethodConfig:
     )
     adapter_name_or_path: str | None = _help("Trained glmtune output or checkpoint to load onto the base.", default=None)
     ptuning_checkpoint: str | None = _help("The ChatGLM2 seed's name for a prefix checkpoint.", default=None)
+    additional_target: str | None = _help(
+        "Comma-separated modules trained in full next to LoRA or freeze, e.g. embed_tokens,lm_head after a "
+        "vocabulary extension (LoRA: PEFT's modules_to_save).", default=None
+    )
 
 
 @dataclass
@@ -165,7 +183,19 @@ class TrainingConfig:
     )
     warmup_ratio: float = _help("Warm-up as a fraction of the steps (when --warmup_steps is 0).", default=0.0)
     plot_loss: bool = _help("Write training_loss.png (loss, and eval loss if any) at the end.", default=True)
-    stage: Literal["sft", "pt", "dpo"] = _help("Training stage: sft (supervised fine-tuning); pt, dpo.", default="sft")
+    stage: Literal["sft", "pt", "dpo"] = _help(
+        "Training objective: sft (answers only), pt (raw text, loss on every token), dpo (preference pairs).",
+        default="sft",
+    )
+    pref_loss: Literal["sigmoid", "ipo", "orpo", "simpo"] = _help(
+        "--stage dpo: sigmoid (DPO), ipo, orpo or simpo (orpo and simpo need no reference model).", default="sigmoid"
+    )
+    pref_beta: float = _help("--stage dpo: beta of the preference loss (ORPO: the odds-ratio weight).", default=0.1)
+    simpo_gamma: float = _help("--stage dpo --pref_loss simpo: the target reward margin gamma.", default=0.5)
+    precompute_ref_logps: bool = _help(
+        "--stage dpo: compute the reference log-probabilities once before training instead of running the "
+        "reference model every step (full and freeze then need no frozen copy).", default=False
+    )
 
 
 @dataclass

@@ -65,9 +65,9 @@ def read_conversations(path: str | Path, options: FormatOptions, skip_bad_record
     if not path.is_file():
         raise GlmtuneError(f"data file not found: {path}")
     report = LoadReport()
-    for where, record in _raw_records(path, skip_bad_records, report):
+    for where, record in read_records(path, skip_bad_records, report):
         try:
-            report.conversations.append(_to_conversation(record, options, where))
+            report.conversations.append(to_conversation(record, options, where))
         except BadRecord as error:
             if not skip_bad_records:
                 raise
@@ -91,7 +91,7 @@ def _answer_key(options: FormatOptions) -> str:
     return {"columns": f"key '{options.response_column}'", "alpaca": "key 'output'"}.get(options.dataset_format, "the gpt turns")
 
 
-def _raw_records(path: Path, skip_bad_records: bool, report: LoadReport):
+def read_records(path: Path, skip_bad_records: bool, report: LoadReport):
     data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark
     if data.lstrip().startswith(b"["):
         try:
@@ -156,7 +156,7 @@ def _history(record: dict, key: str | None, where: str) -> list[Turn]:
     return turns
 
 
-def _to_conversation(record, options: FormatOptions, where: str) -> Conversation:
+def to_conversation(record, options: FormatOptions, where: str) -> Conversation:
     if not isinstance(record, dict):
         raise BadRecord(f"{where}: a record must be a JSON object, got {type(record).__name__}")
     if options.dataset_format == "columns":

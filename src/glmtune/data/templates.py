@@ -74,6 +74,15 @@ class ChatTemplate(Template):
     def __init__(self, tokenizer):
         self.name = "chat"
         self.tokenizer = tokenizer
+        self.answer_has_end_marker = self._closes_answers()
+
+    def _closes_answers(self) -> bool:
+        """Whether the template ends an assistant turn itself (Llama 3's <|eot_id|>, Gemma's <end_of_turn>).
+        GLM-4's does not: an answer ends where the next <|user|> begins, so EOS is appended to it in
+        training, as LLaMA-Factory's glm4 template does, or the model would never learn to stop."""
+        probe = "glmtune answer probe"
+        rendered = self._render([{"role": "user", "content": "q"}, {"role": "assistant", "content": probe}], False)
+        return not rendered.rstrip().endswith(probe)
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         if not messages:

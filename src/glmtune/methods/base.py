@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -9,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from glmtune.config import GlmtuneConfig
+from glmtune.errors import GlmtuneError
 
 TRAINABLE_FILE = "trainable_params.safetensors"
 
@@ -59,9 +62,34 @@ class Method:
         self.restore(model, directory)
         return model.eval()
 
+    @contextlib.contextmanager
+    def base_view(self, model: nn.Module) -> Iterator[nn.Module | None]:
+        """The base model under what this method added, without a copy (DPO's reference model); None
+        where training overwrites the base's own weights (freeze, full)."""
+        yield None
+
 
 def upcast_trainable(model: nn.Module) -> None:
     """Trainable tensors in float32, so AdamW updates are not lost to bf16 rounding; autocast handles the mix."""
     for parameter in model.parameters():
         if parameter.requires_grad and parameter.dtype != torch.float32:
             parameter.data = parameter.data.float()
+
+
+def additional_targets(model: nn.Module, spec: str | None) -> list[str]:
+    """The module names of ``--additional_target`` (e.g. ``embed_tokens,lm_head``), each checked to exist."""
+    if not spec:
+        return []
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [name for name in names if name not in present]
+    if missing:
+        raise GlmtuneError(f"--additional_target {','.join(missing)}: no such module in {type(model).__name__}")
+    return names
+
+
+def train_additional_targets(model: nn.Module, names: list[str]) -> None:
+    """Make the named modules trainable in full (freeze's ``--additional_target``)."""
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in names:
+            module.requires_grad_(True)

@@ -6,7 +6,7 @@ from torch import nn
 
 from glmtune.config import GlmtuneConfig
 from glmtune.errors import GlmtuneError
-from glmtune.methods.base import Method, upcast_trainable
+from glmtune.methods.base import Method, additional_targets, train_additional_targets, upcast_trainable
 from glmtune.models.introspect import decoder_layers
 from glmtune.models.quantization import dequantize
 
@@ -37,5 +37,6 @@ class FreezeMethod(Method):
             for module in _chosen_modules(layer, config.freeze_trainable_modules):
                 dequantize(module)  # on a quantized base the trained parts train in full precision
                 module.requires_grad_(True)
+        train_additional_targets(model, additional_targets(model, config.additional_target))
         upcast_trainable(model)
         return model

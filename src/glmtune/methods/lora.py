@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
@@ -10,7 +12,7 @@ from torch import nn
 
 from glmtune.config import GlmtuneConfig
 from glmtune.errors import GlmtuneError
-from glmtune.methods.base import Method, upcast_trainable
+from glmtune.methods.base import Method, additional_targets, upcast_trainable
 from glmtune.models.introspect import linear_module_names
 
 # Attention projections by naming family: Llama/Gemma/Qwen/Mistral, ChatGLM/Falcon/BLOOM, GPT-2, Phi-3.
@@ -32,6 +34,11 @@ def lora_targets(model: nn.Module, requested: str) -> list[str]:
     raise GlmtuneError(f"cannot guess the attention projections; pass --lora_target (modules: {', '.join(sorted(names))})")
 
 
+def _tied_embeddings(model: nn.Module) -> bool:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return head is not None and head.weight is model.get_input_embeddings().weight
+
+
 class LoraMethod(Method):
     name = "lora"
 
@@ -42,6 +49,9 @@ class LoraMethod(Method):
             lora_alpha=config.lora_alpha,
             lora_dropout=config.lora_dropout,
             target_modules=lora_targets(model, config.lora_target),
+            # Trained in full beside the adapters and saved in it (vocabulary extension: embed_tokens, lm_head).
+            modules_to_save=additional_targets(model, config.additional_target) or None,
+            ensure_weight_tying=bool(config.additional_target) and _tied_embeddings(model),
         )
         model = get_peft_model(model, lora_config)
         upcast_trainable(model)
@@ -58,3 +68,8 @@ class LoraMethod(Method):
 
     def load(self, model: nn.Module, directory: Path, config: GlmtuneConfig) -> nn.Module:
         return PeftModel.from_pretrained(model, str(directory)).eval()
+
+    @contextlib.contextmanager
+    def base_view(self, model: PeftModel) -> Iterator[nn.Module]:
+        with model.disable_adapter():
+            yield model

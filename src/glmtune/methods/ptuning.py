@@ -11,7 +11,9 @@ ChatGLM models use their own native encoder (``transformer.prefix_encoder``), as
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -21,6 +23,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from glmtune.config import GlmtuneConfig
+from glmtune.errors import GlmtuneError
 from glmtune.methods.base import Method
 from glmtune.models.introspect import attention_shape, decoder_layers
 
@@ -153,6 +156,8 @@ class PTuningMethod(Method):
     name = "ptuning"
 
     def apply(self, model: nn.Module, config: GlmtuneConfig) -> nn.Module:
+        if config.additional_target:
+            raise GlmtuneError("--additional_target trains modules beside LoRA or freeze; P-Tuning v2 trains only its prefix")
         model.requires_grad_(False)
         if getattr(model.config, "model_type", None) == "chatglm":
             from glmtune.models.chatglm import enable_ptuning
@@ -177,3 +182,16 @@ class PTuningMethod(Method):
         with torch.no_grad():
             for name, tensor in state.items():
                 parameters[name].copy_(tensor)
+
+    @contextlib.contextmanager
+    def base_view(self, model: nn.Module) -> Iterator[nn.Module]:
+        if isinstance(model, PrefixTuningModel):
+            yield model.base_model
+            return
+        # Native ChatGLM carries its prefix encoder inside; without it the model runs prefix-free.
+        transformer = model.transformer
+        encoder, transformer.prefix_encoder = transformer.prefix_encoder, None
+        try:
+            yield model
+        finally:
+            transformer.prefix_encoder = encoder

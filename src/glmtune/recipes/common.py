@@ -15,6 +15,7 @@ from glmtune.data.templates import Template, get_template
 from glmtune.errors import GlmtuneError
 from glmtune.methods import get_method
 from glmtune.models.loading import load_model, load_tokenizer, resolve_model_source
+from glmtune.models.vocab import resize_for_tokenizer, tokenizer_for_output
 from glmtune.train.checkpoint import read_run_record
 
 logger = logging.getLogger(__name__)
@@ -81,6 +82,10 @@ def load_for_inference(config: GlmtuneConfig) -> ModelBundle:
     base = config.model_name_or_path if named_base else record.get("base_model")
     method = get_method(record["finetuning_type"])
     bundle = load_base(config, base)
+    if record.get("vocabulary"):  # trained with an extended vocabulary: that tokenizer, and rows for its tokens
+        tokenizer = tokenizer_for_output(folder, bundle.tokenizer, record["vocabulary"])
+        resize_for_tokenizer(bundle.model, bundle.tokenizer, tokenizer)
+        bundle.tokenizer = tokenizer
     bundle.model = method.load(bundle.model, folder, trained_config)
     bundle.template = get_template(trained_config.template, bundle.tokenizer)
     bundle.base_model = base

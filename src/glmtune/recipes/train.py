@@ -12,7 +12,10 @@ from glmtune.errors import GlmtuneError
 from glmtune.methods import get_method
 from glmtune.models.quantization import parameter_count
 from glmtune.data.formats import Conversation
-from glmtune.recipes.common import ModelBundle, load_base, prompts_for, read_data, training_examples
+from glmtune.data.templates import get_template
+from glmtune.models.vocab import extended_tokenizer, resize_for_tokenizer, vocabulary_record
+from glmtune.recipes.common import ModelBundle, load_base, prompts_for
+from glmtune.recipes.stages import read_stage_data, stage_eval_metrics, stage_examples, stage_objective
 from glmtune.train.distributed import process_group
 from glmtune.train.trainer import TrainResult, check_output_dir, train
 
@@ -29,31 +32,52 @@ def run_train(config: GlmtuneConfig) -> TrainResult:
     if config.do_eval and not config.validation_file:
         raise GlmtuneError("--do_eval needs --validation_file")
     # Data first: a bad record should fail in a second, not after the model has loaded.
-    train_conversations = read_data(config.train_file, config, config.max_train_samples)
-    eval_conversations = read_data(config.validation_file, config, config.max_eval_samples) if config.do_eval else None
+    train_records = read_stage_data(config.train_file, config, config.max_train_samples)
+    eval_records = read_stage_data(config.validation_file, config, config.max_eval_samples) if config.do_eval else None
     bundle = load_base(config, config.model_name_or_path)
-    train_examples = training_examples(bundle, train_conversations, config)
-    eval_examples = training_examples(bundle, eval_conversations, config) if eval_conversations else None
+    vocabulary = _extend_vocabulary(bundle, config)
+    train_examples = stage_examples(bundle, train_records, config)
+    eval_examples = stage_examples(bundle, eval_records, config) if eval_records else None
     method = get_method(config.finetuning_type)
     model = method.apply(bundle.model, config)
+    objective = stage_objective(config, method, model, bundle, train_examples, eval_examples)
     trainable = sum(p.numel() for p in method.trainable_parameters(model).values())
     total = parameter_count(model)
     console.quiet = not group.is_main  # one process talks
     console.print(
-        f"[bold cyan]glmtune[/]: {method.name} on {len(train_examples)} examples, "
+        f"[bold cyan]glmtune[/]: {config.stage} with {method.name} on {len(train_examples)} {_UNITS[config.stage]}, "
         f"{trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.3f}%)"
     )
     base_model = config.model_name_or_path
     if base_model and Path(base_model).exists():
         base_model = str(Path(base_model).resolve())
     record = {"base_model": base_model, "template": bundle.template.name}
-    generation_metrics = None
-    if eval_conversations and config.eval_generate_samples:
-        generation_metrics = _generation_metrics(bundle, eval_conversations[: config.eval_generate_samples], config)
-    result = train(model, bundle.tokenizer, method, config, train_examples, eval_examples, record, generation_metrics)
+    if vocabulary:
+        record["vocabulary"] = vocabulary
+    generation_metrics = stage_eval_metrics(config, objective, bundle, eval_examples)
+    if config.stage == "sft" and eval_records and config.eval_generate_samples:
+        generation_metrics = _generation_metrics(bundle, eval_records[: config.eval_generate_samples], config)
+    result = train(model, bundle.tokenizer, method, config, train_examples, eval_examples, record, generation_metrics,
+                   objective=objective)
+    if vocabulary and group.is_main:
+        bundle.tokenizer.save_pretrained(str(result.output_dir))  # the output loads with the tokenizer it trained with
     final = f" (final loss {result.losses[-1]:.4f})" if result.losses else " (nothing left to train)"
     console.print(f"[bold cyan]glmtune[/]: saved to {result.output_dir}{final}")
     return result
+
+
+_UNITS = {"sft": "examples", "pt": "blocks", "dpo": "preference pairs"}
+
+
+def _extend_vocabulary(bundle: ModelBundle, config: GlmtuneConfig) -> dict | None:
+    """--add_tokens / --new_tokenizer / --resize_vocab: a larger tokenizer and embeddings, before tokenizing the data."""
+    if not (config.resize_vocab or config.add_tokens or config.new_tokenizer):
+        return None
+    tokenizer = extended_tokenizer(bundle.tokenizer, config.add_tokens, config.new_tokenizer)
+    resize_for_tokenizer(bundle.model, bundle.tokenizer, tokenizer)
+    record = vocabulary_record(bundle.tokenizer, tokenizer, config.add_tokens, config.new_tokenizer)
+    bundle.tokenizer, bundle.template = tokenizer, get_template(config.template, tokenizer)
+    return record
 
 
 def _generation_metrics(bundle: ModelBundle, conversations: list[Conversation], config: GlmtuneConfig):

@@ -42,7 +42,7 @@ def supports_label_loss(model: nn.Module) -> bool:
             and lm.base_model is not lm)
 
 
-def _final_hidden_states(model: nn.Module, lm: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
+def final_hidden_states(model: nn.Module, lm: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
     """Run ``model`` (``lm`` or a wrapper of it) and return what its decoder hands to the LM head:
     the first output of ``lm.base_model`` (after the final norm, for transformers and ChatGLM models)."""
     captured = []
@@ -85,7 +85,7 @@ def label_loss_sum(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
     rows = rows.to(labels.device, non_blocking=True)
     targets = F.pad(labels[:, 1:], (0, 1), value=-100).flatten().index_select(0, rows)
     lm = causal_lm(model)
-    hidden = _final_hidden_states(model, lm, input_ids).flatten(0, 1)
+    hidden = final_hidden_states(model, lm, input_ids).flatten(0, 1)
     if rows.numel() == 0:
         return hidden.sum() * 0.0  # nothing to learn here, but DDP still needs a backward through the model
     hidden = hidden.index_select(0, rows)

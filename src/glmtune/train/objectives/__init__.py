@@ -13,6 +13,8 @@ import torch
 from torch import nn
 
 from glmtune.errors import GlmtuneError
+from glmtune.train.objectives.dpo import DPOObjective
+from glmtune.train.objectives.pt import PretrainObjective
 from glmtune.train.objectives.sft import SFTObjective
 
 
@@ -37,7 +39,7 @@ class Objective(Protocol):
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
 
 
-OBJECTIVES: dict[str, type] = {"sft": SFTObjective}
+OBJECTIVES: dict[str, type] = {"sft": SFTObjective, "pt": PretrainObjective, "dpo": DPOObjective}
 
 
 def get_objective(stage: str) -> Objective:
@@ -46,4 +48,4 @@ def get_objective(stage: str) -> Objective:
     return OBJECTIVES[stage]()
 
 
-__all__ = ["OBJECTIVES", "Objective", "SFTObjective", "get_objective"]
+__all__ = ["OBJECTIVES", "DPOObjective", "Objective", "PretrainObjective", "SFTObjective", "get_objective"]

@@ -1,0 +1,115 @@
+"""Preference pairs for ``--stage dpo``: one prompt, a chosen and a rejected answer.
+
+Record forms (JSON array or JSON lines, any mix):
+
+* ``prompt`` / ``chosen`` / ``rejected`` strings, optional ``system`` (TRL's and many datasets' form);
+* sharegpt with ``ranking: true`` (LLaMA-Factory's ``dpo_en_demo.json``): ``conversations`` (or
+  ``messages``) ending with the human turn, ``chosen`` and ``rejected`` each a ``{"from": "gpt",
+  "value": ...}`` message (or a plain string);
+* alpaca with ``ranking: true``: ``instruction``, optional ``input``, ``chosen``, ``rejected``.
+
+Both answers of a pair are encoded with the same template and truncation as SFT, so they share the
+prompt tokens and only the answers carry labels.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from glmtune.data.formats import BadRecord, Conversation, FormatOptions, LoadReport, Turn, read_records, to_conversation
+from glmtune.data.preprocess import Example, encode_conversation
+from glmtune.data.templates import Template
+from glmtune.errors import GlmtuneError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PreferencePair:
+    chosen: Conversation
+    rejected: Conversation
+
+
+@dataclass
+class PreferenceExample:
+    chosen: Example
+    rejected: Example
+    # Reference-model log-probabilities (summed over answer tokens), when precomputed (--precompute_ref_logps).
+    reference_logps: tuple[float, float] | None = None
+
+
+def _answer(record: dict, key: str, where: str) -> str:
+    value = record.get(key)
+    if isinstance(value, dict):
+        role = value.get("from", value.get("role"))
+        if role not in ("gpt", "assistant"):
+            raise BadRecord(f"{where}: key '{key}' must be a gpt/assistant message")
+        value = value.get("value", value.get("content"))
+    if not isinstance(value, str):
+        raise BadRecord(f"{where}: missing key '{key}' (a string or a gpt message)")
+    return value
+
+
+def _with_answer(conversation: Conversation, answer: str) -> Conversation:
+    *history, last = conversation.turns
+    return Conversation(history + [Turn(last.query, answer)], conversation.system, conversation.source)
+
+
+def to_pair(record, where: str) -> PreferencePair:
+    if not isinstance(record, dict):
+        raise BadRecord(f"{where}: a record must be a JSON object, got {type(record).__name__}")
+    chosen, rejected = _answer(record, "chosen", where), _answer(record, "rejected", where)
+    if "conversations" in record or "messages" in record:
+        # The prompt turns with an empty answer for the last one, then each answer in its place.
+        prompt = to_conversation(record, FormatOptions(dataset_format="sharegpt", require_response=False), where)
+        if prompt.turns[-1].answer:
+            raise BadRecord(f"{where}: the conversation must end with the human turn the chosen/rejected answers reply to")
+    elif "instruction" in record:
+        prompt = to_conversation(record, FormatOptions(dataset_format="alpaca", require_response=False), where)
+    elif isinstance(record.get("prompt"), str):
+        system = record.get("system")
+        if system is not None and not isinstance(system, str):
+            raise BadRecord(f"{where}: key 'system' must be a string")
+        prompt = Conversation([Turn(record["prompt"], "")], system, where)
+    else:
+        raise BadRecord(f"{where}: a preference record needs 'prompt', 'instruction' or 'conversations' with 'chosen' and 'rejected'")
+    return PreferencePair(_with_answer(prompt, chosen), _with_answer(prompt, rejected))
+
+
+def read_preference_pairs(path: str | Path, skip_bad_records: bool = False) -> list[PreferencePair]:
+    path = Path(path)
+    if not path.is_file():
+        raise GlmtuneError(f"data file not found: {path}")
+    pairs, report = [], LoadReport()
+    for where, record in read_records(path, skip_bad_records, report):
+        try:
+            pairs.append(to_pair(record, where))
+        except BadRecord:
+            if not skip_bad_records:
+                raise
+            report.skipped += 1
+    if report.skipped:
+        logger.warning("%s: skipped %d bad record(s) (--skip_bad_records)", path, report.skipped)
+    if not pairs:
+        raise GlmtuneError(f"{path}: no usable preference pairs (the file is empty or every record was bad)")
+    return pairs
+
+
+def preference_examples(pairs: list[PreferencePair], tokenizer, template: Template, max_source_length: int,
+                        max_target_length: int) -> list[PreferenceExample]:
+    """Encoded pairs; a pair whose chosen or rejected answer is cut away entirely is dropped."""
+    if tokenizer.eos_token_id is None and not template.answer_has_end_marker:
+        raise GlmtuneError("the tokenizer has no EOS token; set one or use a chat template")
+    examples = []
+    for pair in pairs:
+        chosen, rejected = (encode_conversation(c, tokenizer, template, max_source_length, max_target_length)
+                            for c in (pair.chosen, pair.rejected))
+        if min(chosen.answer_tokens, rejected.answer_tokens) >= template.minimum_answer_labels:
+            examples.append(PreferenceExample(chosen, rejected))
+    if not examples:
+        raise GlmtuneError(f"no preference pair has answer tokens left after truncation (max_target_length={max_target_length})")
+    if len(examples) < len(pairs):
+        logger.warning("dropped %d pair(s) with an empty chosen or rejected answer", len(pairs) - len(examples))
+    return examples

@@ -1,0 +1,101 @@
+"""What differs between training stages in the train recipe: the data, the examples and the objective.
+
+``sft`` reads conversations, ``pt`` raw documents packed into blocks, ``dpo`` preference pairs; each is
+read before the model loads, so a bad record fails in a second.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+from rich.console import Console
+from torch import nn
+
+from glmtune.config import GlmtuneConfig
+from glmtune.data.pretrain import pretrain_examples, read_documents
+from glmtune.data.preference import preference_examples, read_preference_pairs
+from glmtune.data.preprocess import pad_id
+from glmtune.errors import GlmtuneError
+from glmtune.methods import Method
+from glmtune.models.loading import resolve_dtype
+from glmtune.models.quantization import is_quantized
+from glmtune.recipes.common import ModelBundle, read_data, training_examples
+from glmtune.train.objectives import DPOObjective, Objective, PretrainObjective, SFTObjective
+from glmtune.train.objectives.dpo import adapter_off_reference, frozen_copy_reference, policy_reference, preference_metrics
+from glmtune.train.trainer import compute_dtype
+
+console = Console(stderr=True)
+
+
+def block_size(config: GlmtuneConfig) -> int:
+    """``--stage pt`` packs blocks of ``--max_source_length + --max_target_length`` tokens (LLaMA-Factory's cutoff_len)."""
+    return config.max_source_length + config.max_target_length
+
+
+def read_stage_data(path: str, config: GlmtuneConfig, limit: int | None) -> list:
+    """Records of the stage's kind: conversations, documents or preference pairs."""
+    if config.stage == "pt":
+        records = read_documents(path, config.text_column, config.skip_bad_records)
+    elif config.stage == "dpo":
+        records = read_preference_pairs(path, config.skip_bad_records)
+    else:
+        return read_data(path, config, limit)
+    return records[:limit] if limit else records
+
+
+def stage_examples(bundle: ModelBundle, records: list, config: GlmtuneConfig) -> list:
+    if config.stage == "pt":
+        return pretrain_examples(records, bundle.tokenizer, block_size(config))
+    if config.stage == "dpo":
+        return preference_examples(records, bundle.tokenizer, bundle.template, config.max_source_length,
+                                   config.max_target_length)
+    return training_examples(bundle, records, config)
+
+
+def stage_objective(config: GlmtuneConfig, method: Method, model: nn.Module, bundle: ModelBundle,
+                    train_examples: list, eval_examples: list | None) -> Objective:
+    """The objective for ``config.stage``; ``model`` is what ``method.apply`` returned, not yet trained."""
+    if config.stage == "pt":
+        return PretrainObjective()
+    if config.stage != "dpo":
+        return SFTObjective()
+    objective = DPOObjective(config.pref_loss, config.pref_beta, config.simpo_gamma)
+    if not objective.needs_reference:
+        return objective
+    with method.base_view(model) as base:
+        has_base_view = base is not None
+    if config.precompute_ref_logps:
+        # Before the first step the trained model is its own reference (freeze, full), or its base view is.
+        objective.reference = adapter_off_reference(method.base_view) if has_base_view else policy_reference()
+        device = next(model.parameters()).device
+        dtype = compute_dtype(model, config)
+        autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+        for examples in (train_examples, eval_examples or []):
+            objective.precompute_reference(model, examples, pad_id(bundle.tokenizer),
+                                           config.per_device_eval_batch_size or config.per_device_train_batch_size, autocast)
+        objective.reference = None  # every batch now carries its reference log-probabilities
+    elif has_base_view:
+        objective.reference = adapter_off_reference(method.base_view)
+    else:
+        console.print("[bold cyan]glmtune[/]: DPO reference: a frozen copy of the base model "
+                      "(twice the weights' memory; --precompute_ref_logps avoids it)")
+        frozen = copy.deepcopy(model)
+        if not is_quantized(frozen):  # the trained weights were upcast to float32; the reference keeps the base's dtype
+            frozen = frozen.to(resolve_dtype(config.torch_dtype, next(model.parameters()).device))
+        objective.reference = frozen_copy_reference(frozen)
+    return objective
+
+
+def stage_eval_metrics(config: GlmtuneConfig, objective: Objective, bundle: ModelBundle,
+                       eval_examples: list | None) -> Callable[[nn.Module], dict[str, float]] | None:
+    """``--stage dpo --do_eval``: the held-out pairs' rewards (accuracies, margins), logged as eval_rewards/..."""
+    if config.eval_generate_samples and config.stage != "sft":
+        raise GlmtuneError("--eval_generate_samples generates answers, for --stage sft; drop it for pt/dpo")
+    if not (eval_examples and isinstance(objective, DPOObjective)):
+        return None
+    padding = pad_id(bundle.tokenizer)
+    batch_size = config.per_device_eval_batch_size or 8
+    return lambda model: {k: v for k, v in preference_metrics(model, objective, eval_examples, padding, batch_size).items()
+                          if k != "loss"}
