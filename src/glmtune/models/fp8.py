@@ -30,24 +30,44 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
-def _scaled_product(a: torch.Tensor, b_rows: torch.Tensor, b_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``a · Bᵀ`` for B given as FP8 rows ``b_rows`` [N, K] with scales [N, 1]; ``a`` is quantized here per row."""
+# Custom ops rather than an autograd.Function: dynamo failed to trace an autograd.Function over the FP8
+# casts inside a compiled, checkpointed layer under autocast (an internal AssertionError, torch 2.13 on
+# CPU); a custom op is one opaque node in the graph, in every compile mode.
+@torch.library.custom_op("glmtune::fp8_matmul", mutates_args=())
+def fp8_matmul(a: torch.Tensor, b_rows: torch.Tensor, b_scale: torch.Tensor) -> torch.Tensor:
+    """``a · Bᵀ`` for 2-D ``a`` (quantized here per row) and B given as FP8 rows [N, K] with scales [N, 1]."""
     a_fp8, a_scale = quantize_rows(a)
-    return torch._scaled_mm(a_fp8, b_rows.t(), scale_a=a_scale, scale_b=b_scale.t(), out_dtype=dtype)
+    return torch._scaled_mm(a_fp8, b_rows.t(), scale_a=a_scale, scale_b=b_scale.t(), out_dtype=a.dtype)
 
 
-class _Fp8Matmul(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                weight_t: torch.Tensor, weight_t_scale: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(weight_t, weight_t_scale)
-        return _scaled_product(x, weight, weight_scale, x.dtype)
+@fp8_matmul.register_fake
+def _(a: torch.Tensor, b_rows: torch.Tensor, b_scale: torch.Tensor) -> torch.Tensor:
+    return a.new_empty(a.shape[0], b_rows.shape[0])
 
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
-        weight_t, weight_t_scale = ctx.saved_tensors
-        grad_input = _scaled_product(grad_output.contiguous(), weight_t, weight_t_scale, grad_output.dtype)
-        return grad_input, None, None, None, None
+
+@torch.library.custom_op("glmtune::fp8_linear", mutates_args=())
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, weight_t: torch.Tensor,
+               weight_t_scale: torch.Tensor) -> torch.Tensor:
+    """``x · Wᵀ`` with W as FP8 rows and scales; ``weight_t`` (Wᵀ as FP8 rows) serves the input gradient."""
+    return fp8_matmul(x, weight, weight_scale)
+
+
+@fp8_linear.register_fake
+def _(x, weight, weight_scale, weight_t, weight_t_scale) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def _keep_transpose(ctx, inputs, output) -> None:
+    ctx.save_for_backward(inputs[3], inputs[4])
+
+
+def _input_gradient(ctx, grad_output: torch.Tensor):
+    weight_t, weight_t_scale = ctx.saved_tensors
+    # A frozen weight needs no gradient: dx = dy · W is the only backward product.
+    return fp8_matmul(grad_output.contiguous(), weight_t, weight_t_scale), None, None, None, None
+
+
+fp8_linear.register_autograd(_input_gradient, setup_context=_keep_transpose)
 
 
 class Fp8Linear(nn.Module):
@@ -67,7 +87,7 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(self.compute_dtype)
-        out = _Fp8Matmul.apply(rows, self.weight_fp8, self.weight_scale, self.weight_t_fp8, self.weight_t_scale)
+        out = fp8_linear(rows, self.weight_fp8, self.weight_scale, self.weight_t_fp8, self.weight_t_scale)
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)
