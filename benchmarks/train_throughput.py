@@ -13,8 +13,8 @@ P = linear parameters (frozen base: no weight-gradient GEMMs), as in ../shared/b
   lora    glmtune train, LoRA r8 q,v, effective batch 16
   ptuning glmtune train, P-Tuning v2, pre_seq_len 128, effective batch 16
   chatglm6b-ptuning  the same on native ChatGLM-6B (glmtune.models.chatglm, random init, ChatGLM-6B dims)
-  glmtune runs take flag suffixes: +group (--group_by_length), +compile (--torch_compile), +cg (with
-  --torch_compile_mode reduce-overhead), +mat (max-autotune-no-cudagraphs), +fp8 (--fp8), +nodrop (--lora_dropout 0),
+  glmtune runs take flag suffixes: +group (--group_by_length), +compile (--torch_compile),
+  +fp8 (--fp8), +drop (--lora_dropout 0.1; glmtune's default is 0), +nodrop (HF rows: lora_dropout 0 instead of 0.1),
   +ckpt (--gradient_checkpointing), +ckptN (only the first N layers), +plainloss (the model's own loss, logits at every position,
   instead of glmtune's default label-only chunked loss), e.g. lora+group+compile
 
@@ -120,12 +120,12 @@ class StepClock:
 
 
 def hf_trainer_run(model, data, batch_size: int, accumulation: int, pad_to: int | None, steps: int, warmup: int,
-                   compile_model: bool = False, group: bool = False) -> dict:
+                   compile_model: bool = False, group: bool = False, dropout: float = 0.1) -> dict:
     """The seed's stack: transformers Trainer + PEFT LoRA, optionally with its own speed flags."""
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments
 
-    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=32, lora_dropout=0.1, target_modules=["q_proj", "v_proj"]))
+    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=32, lora_dropout=dropout, target_modules=["q_proj", "v_proj"]))
     collated = []
     multiple = 8 if compile_model else 1  # a new length per batch would recompile the whole model every step
 
@@ -198,7 +198,7 @@ def glmtune_run(model, data, method: str, batch_size: int, accumulation: int, st
             return batch
 
     config = GlmtuneConfig(**{**dict(
-        finetuning_type=method, lora_rank=8, lora_alpha=32, lora_dropout=0.1,
+        finetuning_type=method, lora_rank=8, lora_alpha=32,
         lora_target="query_key_value" if native_chatglm else "q_proj,v_proj",
         pre_seq_len=128 if method == "ptuning" else None, per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=accumulation, max_steps=warmup + steps, logging_steps=warmup + steps, save_steps=0,
@@ -256,7 +256,8 @@ def measure(run: str, args, device: str, data: list, extra: dict) -> dict:
         batch, accumulation, pad_to = (1, 16, 128) if name == "seed" else (16, 1, None)
         steps, warmup = (args.seed_steps, 3) if name == "seed" else (args.steps, args.warmup)  # the seed's steps are slow
         measured = hf_trainer_run(model, data, batch, accumulation, pad_to, steps, warmup,
-                                  compile_model="compile" in flags, group="group" in flags)
+                                  compile_model="compile" in flags, group="group" in flags,
+                                  dropout=0.0 if "nodrop" in flags else 0.1)
     else:
         micro = args.glmtune_micro_batch
         method = "ptuning" if name == "chatglm6b-ptuning" else name
@@ -265,10 +266,7 @@ def measure(run: str, args, device: str, data: list, extra: dict) -> dict:
         for flag in flags:
             if flag.startswith("ckpt") and flag != "ckpt":  # +ckptN: checkpoint only the first N layers
                 run_extra.update(gradient_checkpointing=True, gradient_checkpointing_layers=int(flag[4:]))
-        modes = {"cg": "reduce-overhead", "mat": "max-autotune-no-cudagraphs"}
-        run_extra.update({"torch_compile_mode": modes[f] for f in flags if f in modes})
-        if "nodrop" in flags:
-            run_extra["lora_dropout"] = 0.0
+        run_extra["lora_dropout"] = 0.1 if "drop" in flags else 0.0
         profile_to = Path(os.environ.get("OUT", "benchmarks/results")) / f"profile_{run}.txt" if args.profile else None
         native = name == "chatglm6b-ptuning"
         if native:

@@ -71,7 +71,7 @@ class GlmtuneConfig:
     )
     lora_rank: int = _help("LoRA rank.", default=8)
     lora_alpha: float = _help("LoRA alpha.", default=16.0)
-    lora_dropout: float = _help("LoRA dropout.", default=0.05)
+    lora_dropout: float = _help("LoRA dropout (0, the default, skips it: see the README's training speed).", default=0.0)
     lora_target: str = _help(
         "Comma-separated module names for LoRA; 'auto' = the attention projections.", default="auto"
     )
@@ -125,10 +125,6 @@ class GlmtuneConfig:
     torch_compile: bool = _help("Compile each transformer layer with torch.compile (GPU; first steps are slow).", default=False)
     seed: int = _help("Random seed for init, data order and dropout.", default=42)
     report_to: str = _help("Extra loggers: tensorboard, none.", default="tensorboard")
-    torch_compile_mode: str = _help(
-        "With --torch_compile: torch.compile's mode (default, reduce-overhead: CUDA graphs, "
-        "max-autotune-no-cudagraphs).", default="default"
-    )
     fp8: bool = _help(
         "Run the frozen base's linear layers in FP8 (e4m3, row-wise scales) on GPUs with FP8 tensor cores "
         "(H100/H200, L4, RTX 40xx); what trains stays bf16/fp32. Faster, with a slightly noisier loss.", default=False

@@ -30,41 +30,44 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
-# Custom ops rather than an autograd.Function: dynamo failed to trace an autograd.Function over the FP8
-# casts inside a compiled, checkpointed layer under autocast (an internal AssertionError, torch 2.13 on
-# CPU); a custom op is one opaque node in the graph, in every compile mode.
+# The GEMM is a custom op with its own backward rather than an autograd.Function: dynamo failed to
+# trace an autograd.Function over the FP8 casts inside a compiled layer under autocast (an internal
+# AssertionError, torch 2.13). The row quantizations stay outside the op, as plain tensor code, so that
+# inside a compiled layer inductor fuses each into one pass (run 10 had them inside the op, eager: six
+# memory passes per GEMM made --fp8 slower than bf16).
 @torch.library.custom_op("glmtune::fp8_matmul", mutates_args=())
-def fp8_matmul(a: torch.Tensor, b_rows: torch.Tensor, b_scale: torch.Tensor) -> torch.Tensor:
-    """``a · Bᵀ`` for 2-D ``a`` (quantized here per row) and B given as FP8 rows [N, K] with scales [N, 1]."""
-    a_fp8, a_scale = quantize_rows(a)
-    return torch._scaled_mm(a_fp8, b_rows.t(), scale_a=a_scale, scale_b=b_scale.t(), out_dtype=a.dtype)
+def fp8_matmul(a: torch.Tensor, a_scale: torch.Tensor, b_rows: torch.Tensor, b_scale: torch.Tensor,
+               out_dtype: torch.dtype) -> torch.Tensor:
+    """``a · Bᵀ`` for FP8 ``a`` [M, K] and B given as FP8 rows [N, K], with per-row scales [M, 1] and [N, 1]."""
+    return torch._scaled_mm(a, b_rows.t(), scale_a=a_scale, scale_b=b_scale.t(), out_dtype=out_dtype)
 
 
 @fp8_matmul.register_fake
-def _(a: torch.Tensor, b_rows: torch.Tensor, b_scale: torch.Tensor) -> torch.Tensor:
-    return a.new_empty(a.shape[0], b_rows.shape[0])
+def _(a, a_scale, b_rows, b_scale, out_dtype):
+    return a.new_empty(a.shape[0], b_rows.shape[0], dtype=out_dtype)
 
 
 @torch.library.custom_op("glmtune::fp8_linear", mutates_args=())
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, weight_t: torch.Tensor,
-               weight_t_scale: torch.Tensor) -> torch.Tensor:
-    """``x · Wᵀ`` with W as FP8 rows and scales; ``weight_t`` (Wᵀ as FP8 rows) serves the input gradient."""
-    return fp8_matmul(x, weight, weight_scale)
+def fp8_linear(x: torch.Tensor, x_fp8: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
+               weight_scale: torch.Tensor, weight_t: torch.Tensor, weight_t_scale: torch.Tensor) -> torch.Tensor:
+    """``x · Wᵀ`` from ``x``'s FP8 rows; ``x`` itself only carries the gradient, ``weight_t`` (Wᵀ's FP8 rows) serves it."""
+    return torch._scaled_mm(x_fp8, weight.t(), scale_a=x_scale, scale_b=weight_scale.t(), out_dtype=x.dtype)
 
 
 @fp8_linear.register_fake
-def _(x, weight, weight_scale, weight_t, weight_t_scale) -> torch.Tensor:
+def _(x, x_fp8, x_scale, weight, weight_scale, weight_t, weight_t_scale):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
 def _keep_transpose(ctx, inputs, output) -> None:
-    ctx.save_for_backward(inputs[3], inputs[4])
+    ctx.save_for_backward(inputs[5], inputs[6])
 
 
 def _input_gradient(ctx, grad_output: torch.Tensor):
     weight_t, weight_t_scale = ctx.saved_tensors
+    grad_fp8, grad_scale = quantize_rows(grad_output)
     # A frozen weight needs no gradient: dx = dy · W is the only backward product.
-    return fp8_matmul(grad_output.contiguous(), weight_t, weight_t_scale), None, None, None, None
+    return fp8_matmul(grad_fp8, grad_scale, weight_t, weight_t_scale, grad_output.dtype), None, None, None, None, None, None
 
 
 fp8_linear.register_autograd(_input_gradient, setup_context=_keep_transpose)
@@ -87,7 +90,9 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(self.compute_dtype)
-        out = fp8_linear(rows, self.weight_fp8, self.weight_scale, self.weight_t_fp8, self.weight_t_scale)
+        with torch.no_grad():
+            rows_fp8, rows_scale = quantize_rows(rows)
+        out = fp8_linear(rows, rows_fp8, rows_scale, self.weight_fp8, self.weight_scale, self.weight_t_fp8, self.weight_t_scale)
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)

@@ -214,7 +214,7 @@ def _prepare_layers(model: nn.Module, config: GlmtuneConfig, dtype: torch.dtype)
         # Each layer's forward, compiled on its own: small graphs that compile fast, and the checkpoint
         # wrapper below stays outside the compiled region (inductor cannot partition a checkpoint inside one).
         for layer in decoder_layers(model):
-            layer.forward = torch.compile(layer.forward, dynamic=True, mode=config.torch_compile_mode)
+            layer.forward = torch.compile(layer.forward, dynamic=True)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model, config.gradient_checkpointing_layers)
 
