@@ -14,7 +14,7 @@ P = linear parameters (frozen base: no weight-gradient GEMMs), as in ../shared/b
   ptuning glmtune train, P-Tuning v2, pre_seq_len 128, effective batch 16
   chatglm6b-ptuning  the same on native ChatGLM-6B (glmtune.models.chatglm, random init, ChatGLM-6B dims)
   glmtune runs take flag suffixes: +group (--group_by_length), +compile (--torch_compile),
-  +fp8 (--fp8), +drop (--lora_dropout 0.1; glmtune's default is 0), +nodrop (HF rows: lora_dropout 0 instead of 0.1),
+  +fp8 (--fp8), +nodrop (LoRA dropout 0 instead of 0.1; also for the hf16 rows),
   +ckpt (--gradient_checkpointing), +ckptN (only the first N layers), +plainloss (the model's own loss, logits at every position,
   instead of glmtune's default label-only chunked loss), e.g. lora+group+compile
 
@@ -266,7 +266,7 @@ def measure(run: str, args, device: str, data: list, extra: dict) -> dict:
         for flag in flags:
             if flag.startswith("ckpt") and flag != "ckpt":  # +ckptN: checkpoint only the first N layers
                 run_extra.update(gradient_checkpointing=True, gradient_checkpointing_layers=int(flag[4:]))
-        run_extra["lora_dropout"] = 0.1 if "drop" in flags else 0.0
+        run_extra["lora_dropout"] = 0.0 if "nodrop" in flags else 0.1
         profile_to = Path(os.environ.get("OUT", "benchmarks/results")) / f"profile_{run}.txt" if args.profile else None
         native = name == "chatglm6b-ptuning"
         if native:

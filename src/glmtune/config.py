@@ -71,7 +71,7 @@ class GlmtuneConfig:
     )
     lora_rank: int = _help("LoRA rank.", default=8)
     lora_alpha: float = _help("LoRA alpha.", default=16.0)
-    lora_dropout: float = _help("LoRA dropout (0, the default, skips it: see the README's training speed).", default=0.0)
+    lora_dropout: float = _help("LoRA dropout.", default=0.05)
     lora_target: str = _help(
         "Comma-separated module names for LoRA; 'auto' = the attention projections.", default="auto"
     )
