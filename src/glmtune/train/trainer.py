@@ -27,6 +27,7 @@ from glmtune.data.preprocess import Example, pad_id
 from glmtune.errors import GlmtuneError
 from glmtune.files import prepare_output_dir
 from glmtune.methods import Method
+from glmtune.models.fp8 import check_fp8_device, convert_frozen_linears
 from glmtune.models.introspect import decoder_layers, parameter_dtype
 from glmtune.train.distributed import (
     ProcessGroup,
@@ -201,7 +202,14 @@ def evaluate_loss(model: nn.Module, examples: list[Example], batch_size: int, pa
     return total.item() / max(units, 1)
 
 
-def _prepare_layers(model: nn.Module, config: GlmtuneConfig) -> None:
+def _prepare_layers(model: nn.Module, config: GlmtuneConfig, dtype: torch.dtype) -> None:
+    device = next(model.parameters()).device
+    if config.fp8:
+        check_fp8_device(device)
+        converted = convert_frozen_linears(decoder_layers(model), dtype)
+        if not converted:
+            raise GlmtuneError("--fp8: the model has no frozen linear layers to run in FP8 (it is for LoRA, P-Tuning v2 and freeze)")
+        logger.info("--fp8: %d frozen linear layers compute in FP8", converted)
     if config.torch_compile:
         # Each layer's forward, compiled on its own: small graphs that compile fast, and the checkpoint
         # wrapper below stays outside the compiled region (inductor cannot partition a checkpoint inside one).
@@ -326,7 +334,7 @@ def train(
     dtype = compute_dtype(model, config)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16 and device.type == "cuda")
-    _prepare_layers(model, config)
+    _prepare_layers(model, config, dtype)
     fsdp = config.fsdp and group.world_size > 1
     if config.fsdp and method.name not in ("full", "freeze"):
         raise GlmtuneError("--fsdp is for full and freeze fine-tuning; LoRA and P-Tuning v2 train with DDP (drop --fsdp)")
