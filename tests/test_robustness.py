@@ -266,16 +266,33 @@ def run_with_checkpoints(tiny_llama, data, tmp_path_factory) -> Path:
     return output
 
 
-@pytest.mark.parametrize("state_file", ["optimizer.pt", "scheduler.pt", "rng_state.pt"])
+# .metadata: the index of a sharded (FSDP, torch.distributed.checkpoint) checkpoint, which DCP itself unpickles.
+@pytest.mark.parametrize("state_file", ["optimizer.pt", "scheduler.pt", "rng_state.pt", ".metadata"])
 def test_crafted_pickle_in_a_checkpoint_runs_nothing(tiny_llama, data, tmp_path, run_with_checkpoints, state_file):
     checkpoint = tmp_path / "checkpoint-2"
     shutil.copytree(run_with_checkpoints / "checkpoint-2", checkpoint)
     marker = tmp_path / "marker"
     with open(checkpoint / state_file, "wb") as handle:
         pickle.dump({"state": WritesAFile(marker)}, handle)
-    with pytest.raises(GlmtuneError, match=f"{state_file}: not a loadable checkpoint state"):
+    what = "index" if state_file == ".metadata" else "state"
+    with pytest.raises(GlmtuneError, match=f"{state_file}: not a loadable checkpoint {what}"):
         run_train(config(tiny_llama, data, tmp_path / "b", max_steps=4, resume_from_checkpoint=str(checkpoint)))
     assert not marker.exists()
+
+
+def test_a_real_sharded_index_is_accepted(tmp_path):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    from glmtune.train.checkpoint import check_sharded_index
+
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 4)).sum().backward()
+    optimizer.step()
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=False))
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp_path / "dcp"))
+    check_sharded_index(tmp_path / "dcp")
 
 
 def test_latest_never_resumes_another_runs_checkpoint(tiny_llama, data, tmp_path, run_with_checkpoints, caplog):

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import random
 import shutil
 import uuid
@@ -286,3 +287,27 @@ def check_trained_weights(trainable: dict[str, torch.Tensor], probe_loss: torch.
     if bad[1] > 0:
         raise GlmtuneError(f"step {step}: the trained weights give a non-finite loss; nothing saved "
                            "(try a lower --learning_rate)")
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Only the classes a DCP index is made of: ``torch.distributed.checkpoint`` reads ``.metadata`` with plain
+    ``pickle.load``, so a sharded checkpoint is unpickled here first and refused if it names anything else."""
+
+    def find_class(self, module: str, name: str):
+        allowed = (module.startswith("torch.distributed.checkpoint.")
+                   or (module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), (torch.dtype, torch.memory_format, torch.layout))))
+                   or (module, name) in {("torch.serialization", "_get_layout"), ("torch._utils", "_get_layout"), ("collections", "OrderedDict"),
+                                         ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath")})
+        if not allowed:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a checkpoint index")
+        return super().find_class(module, name)
+
+
+def check_sharded_index(folder: Path) -> None:
+    """Refuse a sharded (DCP) checkpoint whose ``.metadata`` pickle would construct anything but index classes."""
+    path = Path(folder) / ".metadata"
+    try:
+        with open(path, "rb") as handle:
+            _MetadataUnpickler(handle).load()
+    except Exception as error:  # UnpicklingError for a crafted file, others for a corrupt one
+        raise GlmtuneError(f"{path}: not a loadable checkpoint index ({error})") from None

@@ -45,6 +45,7 @@ from glmtune.train.distributed import (
 from glmtune.train.checkpoint import (
     OUTPUT_TEMPORARY,
     TRAINER_STATE,
+    check_sharded_index,
     check_trained_weights,
     examples_hash,
     fingerprint,
@@ -242,6 +243,7 @@ class _TrainingState:
 def _resume(state: _TrainingState, checkpoint: Path) -> int:
     """Load the trained tensors, optimizer, scheduler and RNG state of ``checkpoint``; return its step."""
     if is_sharded_checkpoint(checkpoint):  # written by FSDP ranks; resharded to this run's processes
+        check_sharded_index(checkpoint)
         load_sharded(state.trained_model, state.optimizer, checkpoint, list(state.trainable))
     else:
         if state.fsdp:
