@@ -233,6 +233,15 @@ def test_broken_model_folder_names_the_file(tiny_llama, data, tmp_path, damage):
         run_predict(GlmtuneConfig(model_name_or_path=str(folder), test_file=str(data), output_dir=str(tmp_path / "p")))
 
 
+def test_truncated_adapter_names_the_file(tiny_llama, data, tmp_path, run_with_checkpoints):
+    folder = tmp_path / "a"
+    shutil.copytree(run_with_checkpoints, folder)
+    weights = folder / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:300])
+    with pytest.raises(GlmtuneError, match="adapter_model.safetensors: corrupt or truncated safetensors file"):
+        run_predict(GlmtuneConfig(model_name_or_path=str(folder), test_file=str(data), output_dir=str(tmp_path / "p")))
+
+
 @pytest.mark.parametrize("recipe", ["train", "predict"])
 def test_output_dir_that_is_a_file_or_unwritable(tiny_llama, data, tmp_path, recipe):
     afile = tmp_path / "afile"
