@@ -13,6 +13,7 @@ from glmtune.data.formats import Conversation, FormatOptions, read_conversations
 from glmtune.data.preprocess import Example, build_examples, build_prompts
 from glmtune.data.templates import Template, get_template
 from glmtune.errors import GlmtuneError
+from glmtune.files import check_model_folder
 from glmtune.methods import get_method
 from glmtune.models.loading import load_model, load_tokenizer, resolve_model_source
 from glmtune.models.vocab import resize_for_tokenizer, tokenizer_for_output
@@ -77,6 +78,7 @@ def load_for_inference(config: GlmtuneConfig) -> ModelBundle:
         # A seed (THUDM ptuning/main.py) checkpoint: only the prefix encoder, loaded natively.
         return load_base(config, config.model_name_or_path, prefix_checkpoint=config.ptuning_checkpoint)
     record = read_run_record(folder)
+    check_model_folder(folder, needs_config=False)  # a truncated adapter: one line naming it, not a loader's traceback
     trained_config = GlmtuneConfig(**{**record["config"], "output_dir": str(folder)})
     named_base = config.model_name_or_path and Path(config.model_name_or_path) != folder
     base = config.model_name_or_path if named_base else record.get("base_model")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,10 +44,20 @@ from glmtune.train.distributed import (
     wrap,
 )
 from glmtune.train.checkpoint import (
+    OUTPUT_TEMPORARY,
+    TRAINER_STATE,
+    check_sharded_index,
+    check_trained_weights,
+    examples_hash,
+    fingerprint,
+    load_state,
+    publish_output,
     resolve_resume,
     rng_state,
     save_checkpoint,
     set_rng_state,
+    start_run,
+    truncate_log,
     write_run_record,
 )
 from glmtune.train.objectives import Objective, SFTObjective
@@ -232,29 +243,46 @@ class _TrainingState:
     fsdp: bool
     record: dict
     steps: int
+    config: GlmtuneConfig
+    fingerprint: dict
+    run_id: str | None = None
 
 
 def _resume(state: _TrainingState, checkpoint: Path) -> int:
     """Load the trained tensors, optimizer, scheduler and RNG state of ``checkpoint``; return its step."""
     if is_sharded_checkpoint(checkpoint):  # written by FSDP ranks; resharded to this run's processes
+        check_sharded_index(checkpoint)
         load_sharded(state.trained_model, state.optimizer, checkpoint, list(state.trainable))
     else:
         if state.fsdp:
             load_model_state(state.trained_model, state.method.read_state(checkpoint))
         else:
             state.method.restore(state.trained_model, checkpoint)
-        load_optimizer_state(state.trained_model, state.optimizer, torch.load(checkpoint / "optimizer.pt", weights_only=False))
-    state.scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=False))
-    rng_states = torch.load(checkpoint / "rng_state.pt", weights_only=False)
+        load_optimizer_state(state.trained_model, state.optimizer, load_state(checkpoint / "optimizer.pt"))
+    state.scheduler.load_state_dict(load_state(checkpoint / "scheduler.pt"))
+    _apply_optimizer_settings(state)
+    rng_states = load_state(checkpoint / "rng_state.pt")
     # One state per rank; resumed on more ranks than were saved, the extra ranks take rank 0's.
     group = state.group
     set_rng_state(rng_states[group.rank] if group.rank < len(rng_states) else rng_states[0])
-    step = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
+    step = json.loads((checkpoint / TRAINER_STATE).read_text())["step"]
     logger.info("resuming from %s at step %d", checkpoint, step)
     return step
 
 
-def _write_checkpoint(state: _TrainingState, folder: Path, step: int) -> None:
+def _apply_optimizer_settings(state: _TrainingState) -> None:
+    """This run's --learning_rate and --weight_decay over the checkpoint's (a no-op when they are unchanged):
+    the optimizer and scheduler states restore the values they were created with."""
+    scheduler, config = state.scheduler, state.config
+    scheduler.base_lrs = [config.learning_rate] * len(state.optimizer.param_groups)
+    for index, param_group in enumerate(state.optimizer.param_groups):
+        param_group["initial_lr"] = config.learning_rate
+        param_group["weight_decay"] = config.weight_decay
+        param_group["lr"] = config.learning_rate * scheduler.lr_lambdas[index](scheduler.last_epoch)
+    scheduler._last_lr = [param_group["lr"] for param_group in state.optimizer.param_groups]
+
+
+def _write_checkpoint(state: _TrainingState, folder: Path, step: int, log_window: list) -> None:
     """Called by every rank. With FSDP each rank writes its shards of the trained tensors and optimizer
     state (no gather); otherwise rank 0 writes them whole. Rank 0 writes the rest."""
     group = state.group
@@ -269,7 +297,9 @@ def _write_checkpoint(state: _TrainingState, folder: Path, step: int) -> None:
     if group.is_main:
         torch.save(state.scheduler.state_dict(), folder / "scheduler.pt")
         torch.save(rng_states, folder / "rng_state.pt")
-        (folder / "trainer_state.json").write_text(json.dumps({"step": step, "max_steps": state.steps}))
+        # log_window: the losses since the last logged step, so a resumed run logs the same first window.
+        (folder / TRAINER_STATE).write_text(json.dumps({"step": step, "max_steps": state.steps, "run_id": state.run_id,
+                                                        "fingerprint": state.fingerprint, "log_window": log_window}))
         write_run_record(folder, state.record)
 
 
@@ -278,14 +308,35 @@ def _save_output(state: _TrainingState, tokenizer, output_dir: Path, result: Tra
     final_model_state = gather_model_state(state.trained_model) if state.fsdp else None
     if not state.group.is_main:
         return
-    state.method.save_output(state.trained_model, output_dir, final_model_state)
-    write_run_record(output_dir, {**state.record, "steps": state.steps})
+    # Written aside and moved in, glmtune.json last: a kill leaves the old output or one a rerun completes.
+    temporary = output_dir / OUTPUT_TEMPORARY
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir()
+    state.method.save_output(state.trained_model, temporary, final_model_state)
     if state.method.name == "full":
-        tokenizer.save_pretrained(str(output_dir))
-    (output_dir / "train_results.json").write_text(json.dumps({
+        tokenizer.save_pretrained(str(temporary))
+    (temporary / "train_results.json").write_text(json.dumps({
         "steps": state.steps, "final_loss": result.losses[-1] if result.losses else None,
         "train_runtime": result.train_seconds, "eval_losses": result.eval_losses,
     }, indent=2))
+    write_run_record(temporary, {**state.record, "steps": state.steps})
+    publish_output(temporary, output_dir)
+
+
+def _check_weights(state: _TrainingState, batch: dict | None, autocast, step: int) -> None:
+    """Before any save: the trained tensors are finite, and so are the logits of one row of ``batch`` with
+    them (1e30 weights are finite, their outputs are not). Eval mode: no dropout, so the RNG stream, and
+    with it an exact resume, is untouched."""
+    probe_loss = None
+    if batch is not None:
+        model = state.trained_model
+        device = next(model.parameters()).device
+        input_ids = next(value for key, value in batch.items() if key.endswith("input_ids"))[:1]
+        model.eval()
+        with torch.no_grad(), autocast:
+            probe_loss = model(input_ids=_to_device(input_ids, device), use_cache=False).logits.float().abs().amax()
+        model.train()
+    check_trained_weights(state.trainable, probe_loss, step, state.group)
 
 
 class _StepLosses:
@@ -349,12 +400,25 @@ def train(
     steps = total_steps(config, len(train_examples))
     scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=steps)
     record = {**(run_record or {}), "finetuning_type": method.name, "config": config.to_dict()}
-    state = _TrainingState(trained_model, method, trainable, optimizer, scheduler, group, fsdp, record, steps)
+    run_fingerprint = fingerprint(method.name, trainable, record.get("base_model"), examples_hash(train_examples))
+    state = _TrainingState(trained_model, method, trainable, optimizer, scheduler, group, fsdp, record, steps, config,
+                           run_fingerprint)
+    window = []  # (loss, metrics) of the steps since the last logged one
     if config.resume_from_checkpoint:
-        start_step = _resume(state, resolve_resume(output_dir, config.resume_from_checkpoint))
+        checkpoint, trainer_state = resolve_resume(output_dir, config.resume_from_checkpoint, run_fingerprint,
+                                                   config.to_dict(), steps)
+        start_step = _resume(state, checkpoint)
+        state.run_id = trainer_state.get("run_id")
+        window = [tuple(entry) for entry in trainer_state.get("log_window", [])]
+        if group.is_main:
+            truncate_log(output_dir / "train_log.jsonl", start_step)
     else:
         start_step = 0
         set_seed(config.seed + group.rank)  # ranks share the initial weights (DDP broadcasts) but not dropout
+    if group.is_main:
+        state.run_id = start_run(output_dir, state.run_id)
+    state.run_id = group.gather(state.run_id)[0]
+    group.barrier()
 
     loggers = _Loggers(output_dir, config.report_to, append=start_step > 0) if group.is_main else None
     padding = pad_id(tokenizer)
@@ -366,7 +430,8 @@ def train(
     step_losses = _StepLosses()
     model.train()
     started = time.perf_counter()
-    window, window_tokens, window_start = [], 0, time.perf_counter()  # the steps since the last log
+    window_tokens, window_start = 0, time.perf_counter()
+    batches = None
     progress = tqdm(total=steps, initial=start_step, desc="training", unit="step", disable=not group.is_main)
     try:
         for step in range(start_step + 1, steps + 1):
@@ -422,13 +487,15 @@ def train(
                 _evaluate(trained_model, model, eval_examples, config, padding, autocast, objective, generation_metrics,
                           step, result, loggers, progress)
             if saving_step:
-                save_checkpoint(output_dir, step, lambda folder: _write_checkpoint(state, folder, step),
+                _check_weights(state, batches[-1], autocast, step)
+                save_checkpoint(output_dir, step, lambda folder: _write_checkpoint(state, folder, step, window),
                                 config.save_total_limit, group)
     finally:
         progress.close()
         if loggers:
             loggers.close()
     result.train_seconds = time.perf_counter() - started
+    _check_weights(state, batches[-1] if batches else None, autocast, steps)
     _save_output(state, tokenizer, output_dir, result)
     return result
 
