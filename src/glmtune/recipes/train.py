@@ -12,25 +12,30 @@ from glmtune.errors import GlmtuneError
 from glmtune.methods import get_method
 from glmtune.models.quantization import parameter_count
 from glmtune.data.formats import Conversation
-from glmtune.recipes.common import ModelBundle, load_base, prompts_for, read_data, training_examples
+from glmtune.recipes.common import ModelBundle, load_base, prompts_for, training_data, training_examples
 from glmtune.train.distributed import process_group
+from glmtune.train.trackers import tracker_names
 from glmtune.train.trainer import TrainResult, check_output_dir, train
 
 console = Console(stderr=True)
 
 
 def run_train(config: GlmtuneConfig) -> TrainResult:
-    if not config.train_file:
-        raise GlmtuneError("--train_file is required for training")
+    if not (config.train_file or config.dataset):
+        raise GlmtuneError("training needs --train_file FILE or --dataset NAMES (with dataset_info.json in --dataset_dir)")
+    tracker_names(config.report_to)  # a missing tracker package fails now, not after the model has loaded
+    if config.stage != "sft":
+        raise GlmtuneError(f"stage: {config.stage} is not supported yet; glmtune trains stage: sft")
     group = process_group()
     if group.is_main:
         check_output_dir(config)
     set_seed(config.seed)
-    if config.do_eval and not config.validation_file:
-        raise GlmtuneError("--do_eval needs --validation_file")
+    if config.do_eval and not (config.validation_file or config.eval_dataset or config.val_size):
+        raise GlmtuneError("--do_eval needs --validation_file, --eval_dataset or --val_size")
     # Data first: a bad record should fail in a second, not after the model has loaded.
-    train_conversations = read_data(config.train_file, config, config.max_train_samples)
-    eval_conversations = read_data(config.validation_file, config, config.max_eval_samples) if config.do_eval else None
+    train_conversations, eval_conversations = training_data(config)
+    if eval_conversations:
+        config.do_eval = True
     bundle = load_base(config, config.model_name_or_path)
     train_examples = training_examples(bundle, train_conversations, config)
     eval_examples = training_examples(bundle, eval_conversations, config) if eval_conversations else None

@@ -47,6 +47,8 @@ from glmtune.train.checkpoint import (
     write_run_record,
 )
 from glmtune.train.loss import label_loss, supports_label_loss
+from glmtune.train.plot import plot_loss
+from glmtune.train.trackers import Trackers
 
 logger = logging.getLogger(__name__)
 
@@ -134,33 +136,6 @@ def check_output_dir(config: GlmtuneConfig) -> Path:
     return output_dir
 
 
-class _Loggers:
-    """Loss to ``train_log.jsonl`` and, when installed, TensorBoard."""
-
-    def __init__(self, output_dir: Path, report_to: str, append: bool):
-        self.jsonl = open(output_dir / "train_log.jsonl", "a" if append else "w", encoding="utf-8")
-        self.tensorboard = None
-        if report_to == "tensorboard":
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tensorboard = SummaryWriter(str(output_dir / "runs"))
-            except ImportError:
-                logger.info("tensorboard is not installed; logging to train_log.jsonl only")
-
-    def log(self, step: int, values: dict) -> None:
-        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
-        self.jsonl.flush()
-        if self.tensorboard:
-            for key, value in values.items():
-                self.tensorboard.add_scalar(key, value, step)
-
-    def close(self) -> None:
-        self.jsonl.close()
-        if self.tensorboard:
-            self.tensorboard.close()
-
-
 def _loss(model: nn.Module, batch: dict, autocast: torch.autocast, label_only: bool = True) -> torch.Tensor:
     """Mean loss over the batch's label tokens; ``label_only=False`` lets the model compute its own
     (logits at every position), the slower path ``label_loss`` is checked against."""
@@ -226,10 +201,11 @@ def train(
         raise GlmtuneError("the method left no trainable parameters")
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
     steps = total_steps(config, len(train_examples))
-    scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=steps)
+    scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps or math.ceil(config.warmup_ratio * steps),
+                              num_training_steps=steps)
     record = {**(run_record or {}), "finetuning_type": method.name, "config": config.to_dict()}
 
-    start_step = 0
+    start_step, log_history = 0, []
     if config.resume_from_checkpoint:
         checkpoint = resolve_resume(output_dir, config.resume_from_checkpoint)
         if is_sharded_checkpoint(checkpoint):  # written by FSDP ranks; resharded to this run's processes
@@ -244,7 +220,9 @@ def train(
         rng_states = torch.load(checkpoint / "rng_state.pt", weights_only=False)
         # One state per rank; resumed on more ranks than were saved, the extra ranks take rank 0's.
         set_rng_state(rng_states[group.rank] if group.rank < len(rng_states) else rng_states[0])
-        start_step = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        start_step = state.get("global_step", state.get("step"))  # "step": checkpoints before HF's schema
+        log_history = state.get("log_history", [])
         logger.info("resuming from %s at step %d", checkpoint, start_step)
     else:
         set_seed(config.seed + group.rank)  # ranks share the initial weights (DDP broadcasts) but not dropout
@@ -263,10 +241,12 @@ def train(
         if group.is_main:
             torch.save(scheduler.state_dict(), folder / "scheduler.pt")
             torch.save(rng_states, folder / "rng_state.pt")
-            (folder / "trainer_state.json").write_text(json.dumps({"step": step, "max_steps": steps}))
+            # HF Trainer's schema, so tools that read its trainer_state.json read this one.
+            (folder / "trainer_state.json").write_text(json.dumps(
+                {"global_step": step, "max_steps": steps, "log_history": loggers.history}, indent=1))
             write_run_record(folder, record)
 
-    loggers = _Loggers(output_dir, config.report_to, append=start_step > 0) if group.is_main else None
+    loggers = Trackers(output_dir, config.report_to, start_step > 0, config.to_dict(), log_history) if group.is_main else None
     padding = pad_id(tokenizer)
     lengths = [len(e.input_ids) for e in train_examples] if config.group_by_length else None
     data_order = DataOrder(len(train_examples), config.per_device_train_batch_size * group.world_size, config.seed, lengths)
@@ -343,6 +323,8 @@ def train(
     if not group.is_main:
         return result
     method.save_output(trained_model, output_dir, final_model_state)
+    if config.plot_loss:
+        plot_loss(loggers.history, output_dir / "training_loss.png")
     write_run_record(output_dir, {**record, "steps": steps})
     if method.name == "full":
         tokenizer.save_pretrained(str(output_dir))
