@@ -257,3 +257,10 @@ def test_llamafactory_run_records_loss_in_wandb_mlflow_and_plot(tiny_llama, tmp_
     resumed = run_train(parse_config([str(write_yaml(tmp_path, model, output)), "report_to=none",
                                       f"resume_from_checkpoint={output / 'checkpoint-2'}"]))
     assert resumed.losses == pytest.approx(losses[2:], abs=1e-5)
+
+
+def test_missing_extra_is_one_line_naming_it():
+    from glmtune.extras import require_extra
+
+    with pytest.raises(GlmtuneError, match=r"^glmtune serve needs no_such_module_x: pip install 'glmtune\[serve\]'$"):
+        require_extra("serve", "json", "no_such_module_x", needed_for="glmtune serve")

@@ -16,7 +16,7 @@ def plot_loss(history: list[dict], path: Path) -> Path | None:
         return None
     figure = Figure(figsize=(6.4, 4.0), layout="tight")
     axes = figure.subplots()
-    for points, label, style in ((train, "train loss", "-"), (evaluation, "eval loss", "o--")):
+    for points, label, style in ((train, "train loss", ".-"), (evaluation, "eval loss", "o--")):
         if points:
             axes.plot(*zip(*points), style, label=label)
     axes.set_xlabel("step")
