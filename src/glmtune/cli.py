@@ -10,6 +10,7 @@ import warnings
 import typer
 
 from glmtune.errors import GlmtuneError
+from glmtune.extras import require_extra
 
 app = typer.Typer(help="Fine-tune, evaluate and serve ChatGLM-family and other open LLMs.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
@@ -111,6 +112,7 @@ def web(
     port: int = typer.Option(7860, help="Port to listen on."),
 ) -> None:
     """Browser chat demo (Gradio): streaming, history, sampling controls, base vs tuned. Model flags as for chat."""
+    require_extra("web", "gradio", needed_for="glmtune web")
     from glmtune.serve.web import run_web
 
     run_web(_config(ctx, "web", inference_only=True), host=host, port=port)
@@ -124,6 +126,7 @@ def serve(
     api_key: str = typer.Option(None, envvar="GLMTUNE_API_KEY", help="Require 'Authorization: Bearer KEY'."),
 ) -> None:
     """OpenAI-compatible API: /v1/models, /v1/chat/completions, /v1/completions (SSE streaming). Model flags as for chat."""
+    require_extra("serve", "fastapi", "uvicorn", "pydantic", needed_for="glmtune serve")
     from glmtune.serve.api import run_serve
 
     run_serve(_config(ctx, "serve", inference_only=True), host=host, port=port, api_key=api_key)

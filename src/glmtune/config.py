@@ -118,7 +118,8 @@ class MethodConfig:
     lora_alpha: float = _help("LoRA alpha.", default=16.0)
     lora_dropout: float = _help("LoRA dropout.", default=0.05)
     lora_target: str = _help(
-        "Comma-separated module names for LoRA; 'auto' = the attention projections.", default="auto"
+        "Comma-separated module names for LoRA; 'auto' = the attention projections; 'all' = every linear layer "
+        "but the LM head.", default="auto"
     )
     pre_seq_len: int | None = _help("P-Tuning v2: number of prefix (soft prompt) positions.", default=None)
     prefix_projection: bool = _help("P-Tuning v2: pass the prefix through a 2-layer MLP.", default=False)

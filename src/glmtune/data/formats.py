@@ -8,13 +8,16 @@ Three record formats are understood:
 * ``sharegpt``: ``conversations``, a list of ``{"from": "human"|"gpt"|"system", "value": ...}``
   (``role``/``content`` with user/assistant are accepted too).
 
-Files are a JSON array or JSON lines. Every problem is reported as ``file:line: what is wrong``.
+Files are a JSON array, JSON lines, CSV (a header row) or Parquet (needs pyarrow). Every problem is reported as
+``file:line: what is wrong``.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,14 +62,18 @@ class LoadReport:
     skipped: int = 0
 
 
-def read_conversations(path: str | Path, options: FormatOptions, skip_bad_records: bool = False) -> list[Conversation]:
-    """All conversations in a file; raises GlmtuneError naming file, line and key for a bad record."""
+def read_conversations(path: str | Path, options: FormatOptions, skip_bad_records: bool = False,
+                       normalize: Callable[[dict, str], dict] | None = None) -> list[Conversation]:
+    """All conversations in a file; raises GlmtuneError naming file, line and key for a bad record.
+    ``normalize(record, where)`` renames another layout's keys to this module's (``data/dataset_info.py``)."""
     path = Path(path)
     if not path.is_file():
         raise GlmtuneError(f"data file not found: {path}")
     report = LoadReport()
     for where, record in read_records(path, skip_bad_records, report):
         try:
+            if normalize is not None:
+                record = normalize(record, where)
             report.conversations.append(to_conversation(record, options, where))
         except BadRecord as error:
             if not skip_bad_records:
@@ -92,6 +99,12 @@ def _answer_key(options: FormatOptions) -> str:
 
 
 def read_records(path: Path, skip_bad_records: bool, report: LoadReport):
+    if path.suffix.lower() == ".csv":
+        yield from _csv_records(path)
+        return
+    if path.suffix.lower() == ".parquet":
+        yield from _parquet_records(path)
+        return
     data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark
     if data.lstrip().startswith(b"["):
         try:
@@ -129,6 +142,28 @@ def _not_utf8(path: Path, data: bytes, error: UnicodeDecodeError, line_number: i
     column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
     return (f"{path}:{line_number}: not UTF-8 (byte 0x{data[error.start]:02x} at byte column {column}); "
             "save the file as UTF-8")
+
+
+def _csv_records(path: Path):
+    with open(path, encoding="utf-8-sig", newline="") as handle:
+        reader = csv.DictReader(handle)
+        for row in reader:
+            # line_num: the line the record ends on (the header is line 1; a quoted field may span lines).
+            # An empty cell is a missing value, as pandas and datasets read CSV.
+            yield f"{path}:{reader.line_num}", {k: v for k, v in row.items() if v != ""}
+
+
+def _parquet_records(path: Path):
+    try:
+        import pyarrow.parquet
+    except ImportError:
+        raise GlmtuneError(f"{path}: reading Parquet needs pyarrow: pip install 'glmtune[parquet]'") from None
+    try:
+        rows = pyarrow.parquet.read_table(path).to_pylist()
+    except pyarrow.ArrowException as error:
+        raise GlmtuneError(f"{path}: not a readable Parquet file ({error})") from None
+    for index, row in enumerate(rows, start=1):
+        yield f"{path}:row {index}", row
 
 
 def _string(record: dict, key: str, where: str, required: bool = True) -> str | None:

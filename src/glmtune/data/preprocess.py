@@ -1,7 +1,8 @@
 """Tokenize conversations into training examples and generation prompts, and pad them into batches.
 
 Prompt and answer are truncated separately, as the seed does: each prompt to ``max_source_length``
-tokens, each answer to ``max_target_length`` tokens (the EOS token included). Labels are -100 on
+tokens, each answer to ``max_target_length`` tokens (the EOS token included). With ``cutoff_len`` (LLaMA-Factory's
+key) prompt and answer share one budget instead, split as LLaMA-Factory splits it. Labels are -100 on
 prompts and padding, so the loss covers answers only.
 """
 
@@ -40,17 +41,39 @@ def encode_prompt(tokenizer, template: Template, text: str, max_length: int, fir
     return _encode(tokenizer, text, add_special_tokens=first and not template.prompt_has_bos)[:max_length]
 
 
+def shared_lengths(source_length: int, target_length: int, cutoff_len: int) -> tuple[int, int]:
+    """How many prompt and answer tokens fit in ``cutoff_len`` (LLaMA-Factory's ``infer_seqlen``): a short side keeps
+    all it has, the other gets the rest; both long: shared in proportion to their lengths."""
+    if target_length * 2 < cutoff_len:
+        target_budget = cutoff_len
+    elif source_length * 2 < cutoff_len:
+        target_budget = cutoff_len - source_length
+    else:
+        target_budget = int(cutoff_len * target_length / (source_length + target_length))
+    kept_target = min(target_budget, target_length)
+    return min(max(cutoff_len - kept_target, 0), source_length), kept_target
+
+
 def encode_conversation(
-    conversation: Conversation, tokenizer, template: Template, max_source_length: int, max_target_length: int
+    conversation: Conversation, tokenizer, template: Template, max_source_length: int, max_target_length: int,
+    cutoff_len: int | None = None,
 ) -> Example:
     if isinstance(template, NativeChatGLMTemplate):
+        if cutoff_len:  # THUDM's builder cuts prompt and answer separately: give each half
+            max_source_length = max_target_length = cutoff_len // 2
         return Example(*template.encode_example(conversation, max_source_length, max_target_length))
     input_ids: list[int] = []
     labels: list[int] = []
     for index, segment in enumerate(template.segments(conversation)):
-        prompt_ids = encode_prompt(tokenizer, template, segment.prompt, max_source_length, first=index == 0)
+        if cutoff_len and len(input_ids) >= cutoff_len:
+            break
+        prompt_ids = encode_prompt(tokenizer, template, segment.prompt, cutoff_len or max_source_length, first=index == 0)
         answer_ids = _encode(tokenizer, segment.answer, add_special_tokens=False)
-        if template.answer_has_end_marker:
+        if cutoff_len:
+            answer_ids += [] if template.answer_has_end_marker else [tokenizer.eos_token_id]
+            kept_prompt, kept_answer = shared_lengths(len(prompt_ids), len(answer_ids), cutoff_len - len(input_ids))
+            prompt_ids, answer_ids = prompt_ids[:kept_prompt], answer_ids[:kept_answer]
+        elif template.answer_has_end_marker:
             answer_ids = answer_ids[:max_target_length]
         else:
             answer_ids = answer_ids[: max_target_length - 1] + [tokenizer.eos_token_id]
@@ -60,12 +83,14 @@ def encode_conversation(
 
 
 def build_examples(
-    conversations: list[Conversation], tokenizer, template: Template, max_source_length: int, max_target_length: int
+    conversations: list[Conversation], tokenizer, template: Template, max_source_length: int, max_target_length: int,
+    cutoff_len: int | None = None,
 ) -> list[Example]:
     """Training examples; an example whose answer is cut away entirely is dropped, and no examples at all is an error."""
     if tokenizer.eos_token_id is None and not template.answer_has_end_marker:
         raise GlmtuneError("the tokenizer has no EOS token; set one or use a chat template")
-    examples = [encode_conversation(c, tokenizer, template, max_source_length, max_target_length) for c in conversations]
+    examples = [encode_conversation(c, tokenizer, template, max_source_length, max_target_length, cutoff_len)
+                for c in conversations]
     kept = [e for e in examples if e.answer_tokens >= template.minimum_answer_labels]
     if not kept:
         raise GlmtuneError(

@@ -71,9 +71,10 @@ class ChatTemplate(Template):
     prompt_has_bos = True
     minimum_answer_labels = 1
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, render_options: dict | None = None):
         self.name = "chat"
         self.tokenizer = tokenizer
+        self.render_options = render_options or {}  # extra variables for the template, e.g. enable_thinking
         self.answer_has_end_marker = self._closes_answers()
 
     def _closes_answers(self) -> bool:
@@ -87,7 +88,8 @@ class ChatTemplate(Template):
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         if not messages:
             return ""
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                  **self.render_options)
 
     def segments(self, conversation: Conversation) -> list[Segment]:
         messages = [{"role": "system", "content": conversation.system}] if conversation.system else []
@@ -153,9 +155,18 @@ def is_chatglm_tokenizer(tokenizer) -> bool:
     return isinstance(tokenizer, (ChatGLMTokenizer, ChatGLM2Tokenizer))
 
 
+GLMTUNE_TEMPLATES = ("auto", "chat", "chatglm", "plain", "chatglm-native")
+
+
 def get_template(name: str, tokenizer) -> Template:
     """``auto`` picks the original format for ChatGLM tokenizers, else the tokenizer's chat template when
-    it has one, else ``chatglm``."""
+    it has one, else ``chatglm``. Any other name is LLaMA-Factory's (``qwen3``, ``llama3``, ...): the model's own
+    chat template stands for it, and LLaMA-Factory's ``*_nothink`` variants render with thinking off."""
+    if name not in GLMTUNE_TEMPLATES:
+        if not getattr(tokenizer, "chat_template", None):
+            raise GlmtuneError(f"--template {name}: glmtune renders LLaMA-Factory templates with the tokenizer's chat "
+                               "template, and this tokenizer has none; use --template chatglm or plain")
+        return ChatTemplate(tokenizer, {"enable_thinking": False} if name.endswith("_nothink") else None)
     if name in ("auto", "chatglm-native") and is_chatglm_tokenizer(tokenizer):
         return NativeChatGLMTemplate(tokenizer)
     has_chat_template = bool(getattr(tokenizer, "chat_template", None))

@@ -19,8 +19,10 @@ from glmtune.models.introspect import linear_module_names
 ATTENTION_PROJECTIONS = (("q_proj", "k_proj", "v_proj", "o_proj"), ("query_key_value",), ("c_attn",), ("qkv_proj", "o_proj"))
 
 
-def lora_targets(model: nn.Module, requested: str) -> list[str]:
+def lora_targets(model: nn.Module, requested: str) -> list[str] | str:
     names = linear_module_names(model)
+    if requested in ("all", "all-linear"):  # LLaMA-Factory's and PEFT's names: every linear layer but the LM head
+        return "all-linear"
     if requested != "auto":
         targets = [t.strip() for t in requested.split(",") if t.strip()]
         missing = [t for t in targets if t not in names and t != "all-linear"]

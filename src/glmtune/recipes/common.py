@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
 
 from glmtune.config import GlmtuneConfig
+from glmtune.data.dataset_info import read_datasets
 from glmtune.data.formats import Conversation, FormatOptions, read_conversations
 from glmtune.data.preprocess import Example, build_examples, build_prompts
 from glmtune.data.templates import Template, get_template
@@ -45,6 +47,33 @@ def read_data(path: str | None, config: GlmtuneConfig, limit: int | None, requir
     return conversations[:limit] if limit else conversations
 
 
+def training_data(config: GlmtuneConfig) -> tuple[list[Conversation], list[Conversation] | None]:
+    """Training and validation conversations from --train_file/--validation_file or LLaMA-Factory's
+    --dataset/--eval_dataset; --val_size holds out part of the training data instead."""
+    if config.dataset:
+        train = read_datasets(config.dataset, config.dataset_dir, format_options(config), config.skip_bad_records,
+                              config.max_samples)
+    else:
+        train = read_data(config.train_file, config, config.max_train_samples or config.max_samples)
+    evaluation = None
+    if config.eval_dataset:
+        evaluation = read_datasets(config.eval_dataset, config.dataset_dir, format_options(config),
+                                   config.skip_bad_records, config.max_eval_samples or config.max_samples)
+    elif config.validation_file and config.do_eval:
+        evaluation = read_data(config.validation_file, config, config.max_eval_samples)
+    if config.val_size:
+        if evaluation is not None:
+            raise GlmtuneError("--val_size splits the training data; drop it or --validation_file/--eval_dataset")
+        held_out = int(config.val_size * len(train)) if config.val_size < 1 else int(config.val_size)
+        if not 0 < held_out < len(train):
+            raise GlmtuneError(f"--val_size {config.val_size} leaves {held_out} of {len(train)} records for validation")
+        order = list(range(len(train)))
+        random.Random(config.seed).shuffle(order)
+        evaluation = [train[i] for i in sorted(order[:held_out])]
+        train = [train[i] for i in sorted(order[held_out:])]
+    return train, evaluation
+
+
 def load_base(config: GlmtuneConfig, base_model: str | None, prefix_checkpoint: str | None = None) -> ModelBundle:
     source = resolve_model_source(base_model)
     tokenizer = load_tokenizer(source)
@@ -54,11 +83,12 @@ def load_base(config: GlmtuneConfig, base_model: str | None, prefix_checkpoint: 
 
 
 def training_examples(bundle: ModelBundle, conversations: list[Conversation], config: GlmtuneConfig) -> list[Example]:
-    return build_examples(conversations, bundle.tokenizer, bundle.template, config.max_source_length, config.max_target_length)
+    return build_examples(conversations, bundle.tokenizer, bundle.template, config.max_source_length, config.max_target_length,
+                          cutoff_len=config.cutoff_len)
 
 
 def prompts_for(bundle: ModelBundle, conversations: list[Conversation], config: GlmtuneConfig) -> list[list[int]]:
-    return build_prompts(conversations, bundle.tokenizer, bundle.template, config.max_source_length)
+    return build_prompts(conversations, bundle.tokenizer, bundle.template, config.cutoff_len or config.max_source_length)
 
 
 def trained_weights_folder(config: GlmtuneConfig) -> Path | None:

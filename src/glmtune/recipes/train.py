@@ -14,26 +14,33 @@ from glmtune.models.quantization import parameter_count
 from glmtune.data.formats import Conversation
 from glmtune.data.templates import get_template
 from glmtune.models.vocab import extended_tokenizer, resize_for_tokenizer, vocabulary_record
-from glmtune.recipes.common import ModelBundle, load_base, prompts_for
+from glmtune.recipes.common import ModelBundle, load_base, prompts_for, training_data
 from glmtune.recipes.stages import read_stage_data, stage_eval_metrics, stage_examples, stage_objective
 from glmtune.train.distributed import process_group
+from glmtune.train.trackers import tracker_names
 from glmtune.train.trainer import TrainResult, check_output_dir, train
 
 console = Console(stderr=True)
 
 
 def run_train(config: GlmtuneConfig) -> TrainResult:
-    if not config.train_file:
-        raise GlmtuneError("--train_file is required for training")
+    if not (config.train_file or config.dataset):
+        raise GlmtuneError("training needs --train_file FILE or --dataset NAMES (with dataset_info.json in --dataset_dir)")
+    tracker_names(config.report_to)  # a missing tracker package fails now, not after the model has loaded
     group = process_group()
     if group.is_main:
         check_output_dir(config)
     set_seed(config.seed)
-    if config.do_eval and not config.validation_file:
-        raise GlmtuneError("--do_eval needs --validation_file")
+    if config.do_eval and not (config.validation_file or config.eval_dataset or config.val_size):
+        raise GlmtuneError("--do_eval needs --validation_file, --eval_dataset or --val_size")
     # Data first: a bad record should fail in a second, not after the model has loaded.
-    train_records = read_stage_data(config.train_file, config, config.max_train_samples)
-    eval_records = read_stage_data(config.validation_file, config, config.max_eval_samples) if config.do_eval else None
+    if config.stage == "sft":  # conversations from files or LLaMA-Factory datasets, with --val_size
+        train_records, eval_records = training_data(config)
+    else:
+        train_records = read_stage_data(config.train_file, config, config.max_train_samples)
+        eval_records = read_stage_data(config.validation_file, config, config.max_eval_samples) if config.do_eval else None
+    if eval_records:
+        config.do_eval = True
     bundle = load_base(config, config.model_name_or_path)
     vocabulary = _extend_vocabulary(bundle, config)
     train_examples = stage_examples(bundle, train_records, config)

@@ -146,7 +146,9 @@ def _checkpoint_run(checkpoint: Path) -> str | None:
 
 
 def read_trainer_state(checkpoint: Path) -> dict:
-    return read_json(checkpoint / TRAINER_STATE)
+    state = read_json(checkpoint / TRAINER_STATE)
+    state.setdefault("global_step", state.get("step"))  # checkpoints written before HF's schema said "step"
+    return state
 
 
 def truncate_log(path: Path, step: int) -> None:
@@ -224,14 +226,14 @@ def resolve_resume(output_dir: Path, resume: str, current: dict, config: dict, s
         logger.warning("%s has no run fingerprint (an older glmtune wrote it); resuming it unchecked", checkpoint)
     else:
         _check_fingerprint(checkpoint, saved, current, config, explicit=resume != "latest")
-    if state["step"] > steps:
+    if state["global_step"] > steps:
         raise GlmtuneError(f"{checkpoint} is at step {state['step']}, past this run's {steps} steps "
                            "(raise --max_steps or resume an earlier checkpoint)")
     record = read_run_record(checkpoint) or {}
     changed = changed_settings(record.get("config", {}), config)
     if changed:
         logger.warning("resuming %s with settings changed since it was saved (they apply from step %d): %s",
-                       checkpoint, state["step"] + 1, ", ".join(changed))
+                       checkpoint, state["global_step"] + 1, ", ".join(changed))
     return checkpoint, state
 
 

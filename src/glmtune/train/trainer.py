@@ -52,6 +52,7 @@ from glmtune.train.checkpoint import (
     fingerprint,
     load_state,
     publish_output,
+    read_trainer_state,
     resolve_resume,
     rng_state,
     save_checkpoint,
@@ -61,6 +62,8 @@ from glmtune.train.checkpoint import (
     write_run_record,
 )
 from glmtune.train.objectives import Objective, SFTObjective
+from glmtune.train.plot import plot_loss
+from glmtune.train.trackers import Trackers
 
 logger = logging.getLogger(__name__)
 
@@ -145,33 +148,6 @@ def check_output_dir(config: GlmtuneConfig) -> Path:
     if output_dir.is_dir() and any(output_dir.iterdir()) and not (config.overwrite_output_dir or config.resume_from_checkpoint):
         raise GlmtuneError(f"--output_dir {output_dir} is not empty; pass --overwrite_output_dir or choose another")
     return prepare_output_dir(output_dir)
-
-
-class _Loggers:
-    """Loss to ``train_log.jsonl`` and, when installed, TensorBoard."""
-
-    def __init__(self, output_dir: Path, report_to: str, append: bool):
-        self.jsonl = open(output_dir / "train_log.jsonl", "a" if append else "w", encoding="utf-8")
-        self.tensorboard = None
-        if report_to == "tensorboard":
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tensorboard = SummaryWriter(str(output_dir / "runs"))
-            except ImportError:
-                logger.info("tensorboard is not installed; logging to train_log.jsonl only")
-
-    def log(self, step: int, values: dict) -> None:
-        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
-        self.jsonl.flush()
-        if self.tensorboard:
-            for key, value in values.items():
-                self.tensorboard.add_scalar(key, value, step)
-
-    def close(self) -> None:
-        self.jsonl.close()
-        if self.tensorboard:
-            self.tensorboard.close()
 
 
 def _loss(model: nn.Module, batch: dict, autocast: torch.autocast, label_only: bool = True) -> torch.Tensor:
@@ -265,7 +241,7 @@ def _resume(state: _TrainingState, checkpoint: Path) -> int:
     # One state per rank; resumed on more ranks than were saved, the extra ranks take rank 0's.
     group = state.group
     set_rng_state(rng_states[group.rank] if group.rank < len(rng_states) else rng_states[0])
-    step = json.loads((checkpoint / TRAINER_STATE).read_text())["step"]
+    step = read_trainer_state(checkpoint)["global_step"]
     logger.info("resuming from %s at step %d", checkpoint, step)
     return step
 
@@ -282,7 +258,7 @@ def _apply_optimizer_settings(state: _TrainingState) -> None:
     scheduler._last_lr = [param_group["lr"] for param_group in state.optimizer.param_groups]
 
 
-def _write_checkpoint(state: _TrainingState, folder: Path, step: int, log_window: list) -> None:
+def _write_checkpoint(state: _TrainingState, folder: Path, step: int, log_window: list, log_history: list) -> None:
     """Called by every rank. With FSDP each rank writes its shards of the trained tensors and optimizer
     state (no gather); otherwise rank 0 writes them whole. Rank 0 writes the rest."""
     group = state.group
@@ -297,9 +273,11 @@ def _write_checkpoint(state: _TrainingState, folder: Path, step: int, log_window
     if group.is_main:
         torch.save(state.scheduler.state_dict(), folder / "scheduler.pt")
         torch.save(rng_states, folder / "rng_state.pt")
+        # HF Trainer's schema (global_step, log_history), so tools that read its trainer_state.json read this one;
         # log_window: the losses since the last logged step, so a resumed run logs the same first window.
-        (folder / TRAINER_STATE).write_text(json.dumps({"step": step, "max_steps": state.steps, "run_id": state.run_id,
-                                                        "fingerprint": state.fingerprint, "log_window": log_window}))
+        (folder / TRAINER_STATE).write_text(json.dumps({
+            "global_step": step, "max_steps": state.steps, "log_history": log_history, "run_id": state.run_id,
+            "fingerprint": state.fingerprint, "log_window": log_window}, indent=1))
         write_run_record(folder, state.record)
 
 
@@ -398,7 +376,8 @@ def train(
         raise GlmtuneError("the method left no trainable parameters")
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
     steps = total_steps(config, len(train_examples))
-    scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=steps)
+    scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps or math.ceil(config.warmup_ratio * steps),
+                              num_training_steps=steps)
     record = {**(run_record or {}), "finetuning_type": method.name, "config": config.to_dict()}
     run_fingerprint = fingerprint(method.name, trainable, record.get("base_model"), examples_hash(train_examples))
     state = _TrainingState(trained_model, method, trainable, optimizer, scheduler, group, fsdp, record, steps, config,
@@ -410,17 +389,18 @@ def train(
         start_step = _resume(state, checkpoint)
         state.run_id = trainer_state.get("run_id")
         window = [tuple(entry) for entry in trainer_state.get("log_window", [])]
+        log_history = trainer_state.get("log_history", [])
         if group.is_main:
             truncate_log(output_dir / "train_log.jsonl", start_step)
     else:
-        start_step = 0
+        start_step, log_history = 0, []
         set_seed(config.seed + group.rank)  # ranks share the initial weights (DDP broadcasts) but not dropout
     if group.is_main:
         state.run_id = start_run(output_dir, state.run_id)
     state.run_id = group.gather(state.run_id)[0]
     group.barrier()
 
-    loggers = _Loggers(output_dir, config.report_to, append=start_step > 0) if group.is_main else None
+    loggers = Trackers(output_dir, config.report_to, start_step > 0, config.to_dict(), log_history) if group.is_main else None
     padding = pad_id(tokenizer)
     lengths = [objective.length(e) for e in train_examples] if config.group_by_length else None
     data_order = DataOrder(len(train_examples), config.per_device_train_batch_size * group.world_size, config.seed, lengths)
@@ -488,7 +468,7 @@ def train(
                           step, result, loggers, progress)
             if saving_step:
                 _check_weights(state, batches[-1], autocast, step)
-                save_checkpoint(output_dir, step, lambda folder: _write_checkpoint(state, folder, step, window),
+                save_checkpoint(output_dir, step, lambda folder: _write_checkpoint(state, folder, step, window, loggers.history if loggers else []),
                                 config.save_total_limit, group)
     finally:
         progress.close()
@@ -497,6 +477,8 @@ def train(
     result.train_seconds = time.perf_counter() - started
     _check_weights(state, batches[-1] if batches else None, autocast, steps)
     _save_output(state, tokenizer, output_dir, result)
+    if group.is_main and config.plot_loss:
+        plot_loss(loggers.history, output_dir / "training_loss.png")
     return result
 
 
