@@ -42,7 +42,8 @@ class GlmtuneConfig:
         "(--no_quantize_embeddings keeps them in the base dtype, as bitsandbytes does).", default=True
     )
     template: Literal["auto", "chat", "chatglm", "plain"] = _help(
-        "Prompt template: auto = the tokenizer's chat template if it has one, else chatglm.", default="auto"
+        "Prompt template: auto = the original format for ChatGLM tokenizers, else the tokenizer's chat template "
+        "if it has one, else plain (a base model: the prompt, a newline, the answer).", default="auto"
     )
 
     # ---- data ----
@@ -57,8 +58,14 @@ class GlmtuneConfig:
     response_column: str = _help("Key of the answer in each record.", default="summary")
     history_column: str | None = _help("Key of the earlier turns, a list of [query, answer] pairs.", default=None)
     train_on: Literal["last", "all"] = _help("sharegpt: which assistant turns carry the loss.", default="last")
-    max_source_length: int = _help("Prompt tokens kept (truncated separately from the answer).", default=64)
-    max_target_length: int = _help("Answer tokens kept.", default=64)
+    max_source_length: str = _help(
+        "Prompt tokens kept (truncated separately from the answer). auto: train: the 99th percentile of the "
+        "tokenized training prompts (printed at the start); predict: prompts are not cut.", default="auto"
+    )
+    max_target_length: str = _help(
+        "Answer tokens kept, EOS included. auto: the 99th percentile of the tokenized training answers; "
+        "predict generates up to the trained run's value.", default="auto"
+    )
     max_train_samples: int | None = _help("Use only the first N training records.", default=None)
     max_eval_samples: int | None = _help("Use only the first N validation records.", default=None)
     max_predict_samples: int | None = _help("Use only the first N test records.", default=None)
@@ -75,7 +82,10 @@ class GlmtuneConfig:
     lora_target: str = _help(
         "Comma-separated module names for LoRA; 'auto' = the attention projections.", default="auto"
     )
-    pre_seq_len: int | None = _help("P-Tuning v2: number of prefix (soft prompt) positions.", default=None)
+    pre_seq_len: int | None = _help(
+        "P-Tuning v2: number of prefix (soft prompt) positions (default with --finetuning_type ptuning: 128).",
+        default=None,
+    )
     prefix_projection: bool = _help("P-Tuning v2: pass the prefix through a 2-layer MLP.", default=False)
     prefix_hidden_size: int | None = _help("P-Tuning v2: hidden size of that MLP (default: model hidden).", default=None)
     freeze_trainable_layers: int = _help("Freeze: train the last N layers.", default=2)
@@ -93,7 +103,9 @@ class GlmtuneConfig:
         "Batch size for eval and generation (default: chosen from free memory).", default=None
     )
     gradient_accumulation_steps: int = _help("Micro-batches per optimizer step.", default=1)
-    learning_rate: float = _help("Peak learning rate.", default=2e-4)
+    learning_rate: float | None = _help(
+        "Peak learning rate (default: 5e-4 for lora, 1e-2 for ptuning, 2e-4 for freeze and full).", default=None
+    )
     weight_decay: float = _help("AdamW weight decay.", default=0.0)
     lr_scheduler_type: str = _help("transformers scheduler name.", default="linear")
     warmup_steps: int = _help("Linear warm-up steps.", default=0)
@@ -125,6 +137,10 @@ class GlmtuneConfig:
     torch_compile: bool = _help("Compile each transformer layer with torch.compile (GPU; first steps are slow).", default=False)
     seed: int = _help("Random seed for init, data order and dropout.", default=42)
     report_to: str = _help("Extra loggers: tensorboard, none.", default="tensorboard")
+    load_best_model_at_end: bool = _help(
+        "With --do_eval --validation_file: end with the weights of the evaluation that had the lowest validation "
+        "loss (the last step is evaluated too); --no_load_best_model_at_end keeps the last step's.", default=True
+    )
 
     # ---- generation (predict, chat, serve) ----
     predict_with_generate: bool = _help("Accepted for the seed's scripts; predict always generates.", default=True)
@@ -144,12 +160,34 @@ class GlmtuneConfig:
         if self.quantization_bit == 0:
             self.quantization_bit = None
         if self.finetuning_type == "ptuning" and not self.pre_seq_len:
-            raise GlmtuneError("--finetuning_type ptuning needs --pre_seq_len N")
-        if self.max_source_length < 1 or self.max_target_length < 1:
-            raise GlmtuneError("--max_source_length and --max_target_length must be at least 1")
+            self.pre_seq_len = DEFAULT_PRE_SEQ_LEN
+        if self.learning_rate is None:
+            self.learning_rate = DEFAULT_LEARNING_RATES[self.finetuning_type]
+        self.max_source_length = _length(self.max_source_length, "max_source_length")
+        self.max_target_length = _length(self.max_target_length, "max_target_length")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# Measured on ADGEN with the bundled Gemma 3 270M, 150 steps x batch 8 (benchmarks/QUALITY.md); freeze and
+# full keep the old shared default, unmeasured.
+DEFAULT_LEARNING_RATES = {"lora": 5e-4, "ptuning": 1e-2, "freeze": 2e-4, "full": 2e-4}
+DEFAULT_PRE_SEQ_LEN = 128
+AUTO = "auto"
+
+
+def _length(value: int | str, flag: str) -> int | str:
+    """A token count, or "auto" (sized from the data by the recipe)."""
+    if value == AUTO:
+        return AUTO
+    try:
+        length = int(value)
+    except (TypeError, ValueError):
+        raise GlmtuneError(f"--{flag} must be a number of tokens or auto, got {value!r}") from None
+    if length < 1:
+        raise GlmtuneError(f"--{flag} must be at least 1 (or auto), got {length}")
+    return length
 
 
 def parse_config(argv: list[str] | None = None) -> GlmtuneConfig:

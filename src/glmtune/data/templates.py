@@ -146,12 +146,13 @@ def is_chatglm_tokenizer(tokenizer) -> bool:
 
 def get_template(name: str, tokenizer) -> Template:
     """``auto`` picks the original format for ChatGLM tokenizers, else the tokenizer's chat template when
-    it has one, else ``chatglm``."""
+    it has one, else ``plain``: a base model has never seen ``[Round 1]\n\n问：`` either, and with it P-Tuning v2
+    went on to write ``[Round 2]`` turns (benchmarks/QUALITY.md)."""
     if name in ("auto", "chatglm-native") and is_chatglm_tokenizer(tokenizer):
         return NativeChatGLMTemplate(tokenizer)
     has_chat_template = bool(getattr(tokenizer, "chat_template", None))
     if name == "auto":
-        name = "chat" if has_chat_template else "chatglm"
+        name = "chat" if has_chat_template else "plain"
     if name == "chat":
         if not has_chat_template:
             raise GlmtuneError("--template chat: this tokenizer has no chat template")

@@ -7,7 +7,10 @@ from pathlib import Path
 from rich.console import Console
 from transformers import set_seed
 
-from glmtune.config import GlmtuneConfig
+import dataclasses
+
+from glmtune.config import AUTO, GlmtuneConfig
+from glmtune.data.preprocess import percentile_lengths
 from glmtune.errors import GlmtuneError
 from glmtune.methods import get_method
 from glmtune.models.quantization import parameter_count
@@ -32,6 +35,7 @@ def run_train(config: GlmtuneConfig) -> TrainResult:
     train_conversations = read_data(config.train_file, config, config.max_train_samples)
     eval_conversations = read_data(config.validation_file, config, config.max_eval_samples) if config.do_eval else None
     bundle = load_base(config, config.model_name_or_path)
+    config = with_data_lengths(config, bundle, train_conversations)
     train_examples = training_examples(bundle, train_conversations, config)
     eval_examples = training_examples(bundle, eval_conversations, config) if eval_conversations else None
     method = get_method(config.finetuning_type)
@@ -54,6 +58,18 @@ def run_train(config: GlmtuneConfig) -> TrainResult:
     final = f" (final loss {result.losses[-1]:.4f})" if result.losses else " (nothing left to train)"
     console.print(f"[bold cyan]glmtune[/]: saved to {result.output_dir}{final}")
     return result
+
+
+def with_data_lengths(config: GlmtuneConfig, bundle: ModelBundle, conversations: list[Conversation]) -> GlmtuneConfig:
+    """--max_source_length/--max_target_length auto: the 99th percentile of the tokenized training data."""
+    wanted = [name for name in ("max_source_length", "max_target_length") if getattr(config, name) == AUTO]
+    if not wanted:
+        return config
+    sized = dict(zip(("max_source_length", "max_target_length"),
+                     percentile_lengths(conversations, bundle.tokenizer, bundle.template)))
+    console.print("[bold cyan]glmtune[/]: " + ", ".join(f"--{name} auto = {sized[name]}" for name in wanted)
+                  + " tokens (99th percentile of the training data)")
+    return dataclasses.replace(config, **{name: sized[name] for name in wanted})
 
 
 def _generation_metrics(bundle: ModelBundle, conversations: list[Conversation], config: GlmtuneConfig):

@@ -46,6 +46,7 @@ from glmtune.train.checkpoint import (
     set_rng_state,
     write_run_record,
 )
+from glmtune.train.best import BestWeights
 from glmtune.train.loss import label_loss, supports_label_loss
 
 logger = logging.getLogger(__name__)
@@ -272,6 +273,7 @@ def train(
     data_order = DataOrder(len(train_examples), config.per_device_train_batch_size * group.world_size, config.seed, lengths)
     eval_every = config.eval_steps or config.save_steps
     result = TrainResult(output_dir, steps)
+    best = BestWeights() if config.load_best_model_at_end else None
     model.train()
     started = time.perf_counter()
     window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
@@ -319,9 +321,12 @@ def train(
                     loggers.log(step, {"loss": window_loss / interval, "learning_rate": scheduler.get_last_lr()[0],
                                        "tokens_per_s": tokens_per_second})
                 window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
-            if config.do_eval and eval_examples and eval_every and step % eval_every == 0:
+            evaluate_now = (eval_every and step % eval_every == 0) or (best is not None and step == steps)
+            if config.do_eval and eval_examples and evaluate_now:
                 eval_loss = evaluate_loss(trained_model, eval_examples, config.per_device_eval_batch_size or 8, padding, autocast)
                 result.eval_losses.append((step, eval_loss))
+                if best is not None:
+                    best.observe(step, eval_loss, trainable)
                 values = {"eval_loss": eval_loss}
                 if generation_metrics:
                     with autocast:
@@ -338,6 +343,10 @@ def train(
         if loggers:
             loggers.close()
     result.train_seconds = time.perf_counter() - started
+    if best is not None and best.restore(trainable, steps):
+        logger.warning("--load_best_model_at_end: the output holds step %d's weights (validation loss %.4f)",
+                       best.step, best.loss)
+        record["best_step"] = best.step
     # The output is one ordinary folder, whatever the process count: FSDP shards are gathered to rank 0.
     final_model_state = gather_model_state(trained_model) if fsdp else None
     if not group.is_main:
