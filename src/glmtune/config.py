@@ -80,7 +80,8 @@ class GlmtuneConfig:
     lora_alpha: float = _help("LoRA alpha.", default=16.0)
     lora_dropout: float = _help("LoRA dropout.", default=0.05)
     lora_target: str = _help(
-        "Comma-separated module names for LoRA; 'auto' = the attention projections.", default="auto"
+        "Comma-separated module names for LoRA; all-linear = every linear layer of the decoder (not the LM head); "
+        "auto = the attention projections.", default="all-linear"
     )
     pre_seq_len: int | None = _help(
         "P-Tuning v2: number of prefix (soft prompt) positions (default with --finetuning_type ptuning: 128).",
@@ -170,8 +171,9 @@ class GlmtuneConfig:
         return dataclasses.asdict(self)
 
 
-# Measured on ADGEN with the bundled Gemma 3 270M, 150 steps x batch 8 (benchmarks/QUALITY.md); freeze and
-# full keep the old shared default, unmeasured.
+# lora: measured on ADGEN with the bundled Gemma 3 270M, 150 steps x batch 8 (benchmarks/QUALITY.md). ptuning:
+# the seed's order of magnitude (its train.sh: 2e-2, PRE_SEQ_LEN=128), since 2e-4 left the prefix untrained on
+# held-out ADGEN (R-1 4.38); its 150-step run did not finish on the shared CPU. freeze and full: unchanged, unmeasured.
 DEFAULT_LEARNING_RATES = {"lora": 5e-4, "ptuning": 1e-2, "freeze": 2e-4, "full": 2e-4}
 DEFAULT_PRE_SEQ_LEN = 128
 AUTO = "auto"

@@ -153,7 +153,7 @@ def estimate_memory(
     pre_seq_len: int = 128,
     lora_rank: int = 8,
     gradient_checkpointing: bool = False,
-    lora_target: str = "auto",
+    lora_target: str = "all-linear",
     lora_dropout: float = 0.05,
     prefix_projection: bool = False,
     prefix_hidden_size: int | None = None,

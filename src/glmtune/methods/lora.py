@@ -17,11 +17,13 @@ from glmtune.models.introspect import linear_module_names
 ATTENTION_PROJECTIONS = (("q_proj", "k_proj", "v_proj", "o_proj"), ("query_key_value",), ("c_attn",), ("qkv_proj", "o_proj"))
 
 
-def lora_targets(model: nn.Module, requested: str) -> list[str]:
+def lora_targets(model: nn.Module, requested: str) -> list[str] | str:
+    if requested == "all-linear":
+        return requested  # PEFT resolves it: every linear layer except the output layer
     names = linear_module_names(model)
     if requested != "auto":
         targets = [t.strip() for t in requested.split(",") if t.strip()]
-        missing = [t for t in targets if t not in names and t != "all-linear"]
+        missing = [t for t in targets if t not in names]
         if missing:
             raise GlmtuneError(f"--lora_target {','.join(missing)}: no such linear module (have {', '.join(sorted(names))})")
         return targets
