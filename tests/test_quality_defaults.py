@@ -115,3 +115,10 @@ def test_load_best_model_at_end_keeps_the_lowest_validation_loss(tiny_llama, tmp
     at_best = load_file(str(output / f"checkpoint-{best_step}" / "adapter_model.safetensors"))
     assert final.keys() == at_best.keys() and all(torch.equal(final[k], at_best[k]) for k in final)
     assert read_run_record(output)["best_step"] == best_step
+
+
+def test_estimate_memory_asks_for_lengths_instead_of_guessing_auto():
+    from glmtune.memory import estimate_for
+
+    with pytest.raises(GlmtuneError, match="estimate-memory needs --max_source_length N and --max_target_length N"):
+        estimate_for(GlmtuneConfig(max_source_length=64))

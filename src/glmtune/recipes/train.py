@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from rich.console import Console
 from transformers import set_seed
-
-import dataclasses
 
 from glmtune.config import AUTO, GlmtuneConfig
 from glmtune.data.preprocess import percentile_lengths
