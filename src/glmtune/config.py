@@ -49,7 +49,8 @@ class ModelConfig:
         "(--no_quantize_embeddings keeps them in the base dtype, as bitsandbytes does).", default=True
     )
     template: str = _help(
-        "Prompt template: auto = the tokenizer's chat template if it has one, else chatglm; chat, chatglm, plain; "
+        "Prompt template: auto = the original format for ChatGLM tokenizers, else the tokenizer's chat template if it "
+        "has one, else plain (a base model: the prompt, a newline, the answer); chat, chatglm, plain; "
         "a LLaMA-Factory name (qwen3, llama3, ...) = the tokenizer's chat template (*_nothink: thinking off).",
         default="auto",
     )
@@ -83,8 +84,14 @@ class DataConfig:
     response_column: str = _help("Key of the answer in each record.", default="summary")
     history_column: str | None = _help("Key of the earlier turns, a list of [query, answer] pairs.", default=None)
     train_on: Literal["last", "all"] = _help("sharegpt: which assistant turns carry the loss.", default="last")
-    max_source_length: int = _help("Prompt tokens kept (truncated separately from the answer).", default=64)
-    max_target_length: int = _help("Answer tokens kept.", default=64)
+    max_source_length: str = _help(
+        "Prompt tokens kept (truncated separately from the answer). auto: train: the 99th percentile of the "
+        "tokenized training prompts (printed at the start); predict: prompts are not cut.", default="auto"
+    )
+    max_target_length: str = _help(
+        "Answer tokens kept, EOS included. auto: the 99th percentile of the tokenized training answers; "
+        "predict generates up to the trained run's value.", default="auto"
+    )
     max_train_samples: int | None = _help("Use only the first N training records.", default=None)
     max_eval_samples: int | None = _help("Use only the first N validation records.", default=None)
     max_predict_samples: int | None = _help("Use only the first N test records.", default=None)
@@ -118,10 +125,13 @@ class MethodConfig:
     lora_alpha: float = _help("LoRA alpha.", default=16.0)
     lora_dropout: float = _help("LoRA dropout.", default=0.05)
     lora_target: str = _help(
-        "Comma-separated module names for LoRA; 'auto' = the attention projections; 'all' = every linear layer "
-        "but the LM head.", default="auto"
+        "Comma-separated module names for LoRA; all-linear (or LLaMA-Factory's all) = every linear layer of the "
+        "decoder (not the LM head); auto = the attention projections.", default="all-linear"
     )
-    pre_seq_len: int | None = _help("P-Tuning v2: number of prefix (soft prompt) positions.", default=None)
+    pre_seq_len: int | None = _help(
+        "P-Tuning v2: number of prefix (soft prompt) positions (default with --finetuning_type ptuning: 128).",
+        default=None,
+    )
     prefix_projection: bool = _help("P-Tuning v2: pass the prefix through a 2-layer MLP.", default=False)
     prefix_hidden_size: int | None = _help("P-Tuning v2: hidden size of that MLP (default: model hidden).", default=None)
     freeze_trainable_layers: int = _help("Freeze: train the last N layers.", default=2)
@@ -147,7 +157,9 @@ class TrainingConfig:
         "Batch size for eval and generation (default: chosen from free memory).", default=None
     )
     gradient_accumulation_steps: int = _help("Micro-batches per optimizer step.", default=1)
-    learning_rate: float = _help("Peak learning rate.", default=2e-4)
+    learning_rate: float | None = _help(
+        "Peak learning rate (default: 5e-4 for lora, 1e-2 for ptuning, 2e-4 for freeze and full).", default=None
+    )
     weight_decay: float = _help("AdamW weight decay.", default=0.0)
     lr_scheduler_type: str = _help("transformers scheduler name.", default="linear")
     warmup_steps: int = _help("Linear warm-up steps.", default=0)
@@ -201,6 +213,10 @@ class TrainingConfig:
         "Run the frozen base's linear layers in FP8 (e4m3, row-wise scales) on GPUs with FP8 tensor cores "
         "(H100/H200, L4, RTX 40xx); what trains stays bf16/fp32. Faster, with a slightly noisier loss.", default=False
     )
+    load_best_model_at_end: bool = _help(
+        "With --do_eval --validation_file: end with the weights of the evaluation that had the lowest validation "
+        "loss (the last step is evaluated too); --no_load_best_model_at_end keeps the last step's.", default=True
+    )
 
 
 @dataclass
@@ -233,11 +249,36 @@ class GlmtuneConfig(GenerationConfig, TrainingConfig, MethodConfig, DataConfig, 
         if self.quantization_bit == 0:
             self.quantization_bit = None
         if self.finetuning_type == "ptuning" and not self.pre_seq_len:
-            raise GlmtuneError("--finetuning_type ptuning needs --pre_seq_len N")
+            self.pre_seq_len = DEFAULT_PRE_SEQ_LEN
+        if self.learning_rate is None:
+            self.learning_rate = DEFAULT_LEARNING_RATES[self.finetuning_type]
+        self.max_source_length = _length(self.max_source_length, "max_source_length")
+        self.max_target_length = _length(self.max_target_length, "max_target_length")
         check_ranges(self)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# lora: measured on ADGEN with the bundled Gemma 3 270M, 150 steps x batch 8 (benchmarks/QUALITY.md). ptuning:
+# the seed's order of magnitude (its train.sh: 2e-2, PRE_SEQ_LEN=128), since 2e-4 left the prefix untrained on
+# held-out ADGEN (R-1 4.38); its 150-step run did not finish on the shared CPU. freeze and full: unchanged, unmeasured.
+DEFAULT_LEARNING_RATES = {"lora": 5e-4, "ptuning": 1e-2, "freeze": 2e-4, "full": 2e-4}
+DEFAULT_PRE_SEQ_LEN = 128
+AUTO = "auto"
+
+
+def _length(value: int | str, flag: str) -> int | str:
+    """A token count, or "auto" (sized from the data by the recipe)."""
+    if value == AUTO:
+        return AUTO
+    try:
+        length = int(value)
+    except (TypeError, ValueError):
+        raise GlmtuneError(f"--{flag} must be a number of tokens or auto, got {value!r}") from None
+    if length < 1:
+        raise GlmtuneError(f"--{flag} must be at least 1 (or auto), got {length}")
+    return length
 
 
 @dataclass(frozen=True)
@@ -363,8 +404,6 @@ def _schedulers() -> list[str]:
 
 
 RANGES: dict[str, tuple[Callable[[object], bool], str]] = {
-    "max_source_length": _at_least(1),
-    "max_target_length": _at_least(1),
     "max_train_samples": _optional_at_least(1),
     "max_eval_samples": _optional_at_least(1),
     "max_predict_samples": _optional_at_least(1),

@@ -153,7 +153,7 @@ def estimate_memory(
     pre_seq_len: int = 128,
     lora_rank: int = 8,
     gradient_checkpointing: bool = False,
-    lora_target: str = "auto",
+    lora_target: str = "all-linear",
     lora_dropout: float = 0.05,
     prefix_projection: bool = False,
     prefix_hidden_size: int | None = None,
@@ -259,6 +259,9 @@ def estimate_memory(
 
 def estimate_for(config: GlmtuneConfig, device: str = "cuda") -> dict:
     """``estimate_memory`` for the flags of a ``glmtune train`` run (``glmtune estimate-memory``)."""
+    if "auto" in (config.max_source_length, config.max_target_length):
+        raise GlmtuneError("estimate-memory needs --max_source_length N and --max_target_length N "
+                           "(auto is sized from the training data when glmtune train starts, and printed)")
     return estimate_memory(
         config.model_name_or_path, config.finetuning_type, config.quantization_bit, config.per_device_train_batch_size,
         config.max_source_length, config.max_target_length, pre_seq_len=config.pre_seq_len or 0,

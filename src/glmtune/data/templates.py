@@ -160,8 +160,10 @@ GLMTUNE_TEMPLATES = ("auto", "chat", "chatglm", "plain", "chatglm-native")
 
 def get_template(name: str, tokenizer) -> Template:
     """``auto`` picks the original format for ChatGLM tokenizers, else the tokenizer's chat template when
-    it has one, else ``chatglm``. Any other name is LLaMA-Factory's (``qwen3``, ``llama3``, ...): the model's own
-    chat template stands for it, and LLaMA-Factory's ``*_nothink`` variants render with thinking off."""
+    it has one, else ``plain``: a base model has never seen ``[Round 1]\n\n问：`` either, and with it P-Tuning v2
+    went on to write ``[Round 2]`` turns (benchmarks/QUALITY.md). Any other name is LLaMA-Factory's (``qwen3``,
+    ``llama3``, ...): the model's own chat template stands for it, and LLaMA-Factory's ``*_nothink`` variants render
+    with thinking off."""
     if name not in GLMTUNE_TEMPLATES:
         if not getattr(tokenizer, "chat_template", None):
             raise GlmtuneError(f"--template {name}: glmtune renders LLaMA-Factory templates with the tokenizer's chat "
@@ -171,7 +173,7 @@ def get_template(name: str, tokenizer) -> Template:
         return NativeChatGLMTemplate(tokenizer)
     has_chat_template = bool(getattr(tokenizer, "chat_template", None))
     if name == "auto":
-        name = "chat" if has_chat_template else "chatglm"
+        name = "chat" if has_chat_template else "plain"
     if name == "chat":
         if not has_chat_template:
             raise GlmtuneError("--template chat: this tokenizer has no chat template")

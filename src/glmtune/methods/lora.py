@@ -25,7 +25,7 @@ def lora_targets(model: nn.Module, requested: str) -> list[str] | str:
         return "all-linear"
     if requested != "auto":
         targets = [t.strip() for t in requested.split(",") if t.strip()]
-        missing = [t for t in targets if t not in names and t != "all-linear"]
+        missing = [t for t in targets if t not in names]
         if missing:
             raise GlmtuneError(f"--lora_target {','.join(missing)}: no such linear module (have {', '.join(sorted(names))})")
         return targets

@@ -30,6 +30,7 @@ class ModelBundle:
     tokenizer: object
     template: Template
     base_model: str | None  # what the user named (None: the bundled default)
+    trained_config: GlmtuneConfig | None = None  # the run whose trained weights are loaded, if any
 
 
 def format_options(config: GlmtuneConfig, require_response: bool = True) -> FormatOptions:
@@ -121,5 +122,6 @@ def load_for_inference(config: GlmtuneConfig) -> ModelBundle:
     bundle.model = method.load(bundle.model, folder, trained_config)
     bundle.template = get_template(trained_config.template, bundle.tokenizer)
     bundle.base_model = base
+    bundle.trained_config = trained_config
     logger.info("loaded %s weights from %s", method.name, folder)
     return bundle

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from glmtune.config import GlmtuneConfig
+from glmtune.config import AUTO, GlmtuneConfig
 from glmtune.data.formats import has_answer
 from glmtune.errors import GlmtuneError
 from glmtune.eval.generation import GenerationSettings, generate_texts
@@ -16,8 +16,25 @@ from glmtune.eval.metrics import compute_metrics
 from glmtune.eval.report import ComparisonExample, RunResult, format_comparison_text, write_comparison
 from glmtune.files import prepare_output_dir
 from glmtune.recipes.common import ModelBundle, load_for_inference, prompts_for, read_data
+from glmtune.train.checkpoint import read_run_record
 
 console = Console(stderr=True)
+
+
+# Generation budget without a trained run to take the answer length from (an untuned base model).
+UNTUNED_MAX_NEW_TOKENS = 128
+UNCUT = 1 << 30
+
+
+def generation_lengths(config: GlmtuneConfig, trained: GlmtuneConfig | None) -> GlmtuneConfig:
+    """Resolve auto lengths for generation: prompts are not cut; answers get the trained run's
+    --max_target_length (what the model learned to stop within), else UNTUNED_MAX_NEW_TOKENS."""
+    source = UNCUT if config.max_source_length == AUTO else config.max_source_length
+    target = config.max_target_length
+    if target == AUTO:
+        learned = trained.max_target_length if trained else AUTO
+        target = UNTUNED_MAX_NEW_TOKENS if learned == AUTO else learned
+    return dataclasses.replace(config, max_source_length=source, max_target_length=target)
 
 
 def generation_settings(config: GlmtuneConfig) -> GenerationSettings:
@@ -28,6 +45,7 @@ def generation_settings(config: GlmtuneConfig) -> GenerationSettings:
 
 
 def _predict_with(bundle: ModelBundle, conversations, config: GlmtuneConfig) -> tuple[list[str], float]:
+    config = generation_lengths(config, bundle.trained_config)
     prompts = prompts_for(bundle, conversations, config)
     return generate_texts(bundle.model, bundle.tokenizer, prompts, generation_settings(config), config.per_device_eval_batch_size)
 
@@ -64,6 +82,10 @@ def run_compare(config: GlmtuneConfig, tuned: list[str], names: list[str] | None
     conversations = read_data(data_file, config, config.max_predict_samples)
     labels = [c.turns[-1].answer for c in conversations]
     names = names or ["base"] + [Path(t).name for t in tuned]
+    if config.max_target_length == AUTO and tuned and read_run_record(tuned[0]):
+        # The base model gets the same answer budget as the first tuned run, so the rows compare like for like.
+        first = GlmtuneConfig(**read_run_record(tuned[0])["config"])
+        config = dataclasses.replace(config, max_target_length=first.max_target_length)
     runs = []
     for name, adapter in zip(names, [None] + tuned):
         run_config = dataclasses.replace(config, adapter_name_or_path=adapter, ptuning_checkpoint=None)

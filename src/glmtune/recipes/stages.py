@@ -13,7 +13,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from glmtune.config import GlmtuneConfig
+from glmtune.config import AUTO, GlmtuneConfig
 from glmtune.data.pretrain import pretrain_examples, read_documents
 from glmtune.data.preference import preference_examples, read_preference_pairs
 from glmtune.data.preprocess import pad_id
@@ -30,7 +30,12 @@ console = Console(stderr=True)
 
 
 def block_size(config: GlmtuneConfig) -> int:
-    """``--stage pt`` packs blocks of ``--max_source_length + --max_target_length`` tokens (LLaMA-Factory's cutoff_len)."""
+    """``--stage pt`` packs blocks of ``--cutoff_len`` tokens, else ``--max_source_length + --max_target_length``
+    when both are numbers, else LLaMA-Factory's default cutoff_len, 2048."""
+    if config.cutoff_len:
+        return config.cutoff_len
+    if AUTO in (config.max_source_length, config.max_target_length):
+        return 2048
     return config.max_source_length + config.max_target_length
 
 

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from rich.console import Console
 from transformers import set_seed
 
-from glmtune.config import GlmtuneConfig
+from glmtune.config import AUTO, GlmtuneConfig
+from glmtune.data.preprocess import percentile_lengths
 from glmtune.errors import GlmtuneError
 from glmtune.methods import get_method
 from glmtune.models.quantization import parameter_count
 from glmtune.data.formats import Conversation
+from glmtune.data.preference import PreferencePair
 from glmtune.data.templates import get_template
 from glmtune.models.vocab import extended_tokenizer, resize_for_tokenizer, vocabulary_record
 from glmtune.recipes.common import ModelBundle, load_base, prompts_for, training_data
@@ -43,6 +46,8 @@ def run_train(config: GlmtuneConfig) -> TrainResult:
         config.do_eval = True
     bundle = load_base(config, config.model_name_or_path)
     vocabulary = _extend_vocabulary(bundle, config)
+    if config.stage != "pt":  # pt packs blocks of --cutoff_len instead
+        config = with_data_lengths(config, bundle, _sized_conversations(train_records))
     train_examples = stage_examples(bundle, train_records, config)
     eval_examples = stage_examples(bundle, eval_records, config) if eval_records else None
     method = get_method(config.finetuning_type)
@@ -85,6 +90,25 @@ def _extend_vocabulary(bundle: ModelBundle, config: GlmtuneConfig) -> dict | Non
     record = vocabulary_record(bundle.tokenizer, tokenizer, config.add_tokens, config.new_tokenizer)
     bundle.tokenizer, bundle.template = tokenizer, get_template(config.template, tokenizer)
     return record
+
+
+def with_data_lengths(config: GlmtuneConfig, bundle: ModelBundle, conversations: list[Conversation]) -> GlmtuneConfig:
+    """--max_source_length/--max_target_length auto: the 99th percentile of the tokenized training data."""
+    wanted = [name for name in ("max_source_length", "max_target_length") if getattr(config, name) == AUTO]
+    if not wanted:
+        return config
+    sized = dict(zip(("max_source_length", "max_target_length"),
+                     percentile_lengths(conversations, bundle.tokenizer, bundle.template)))
+    console.print("[bold cyan]glmtune[/]: " + ", ".join(f"--{name} auto = {sized[name]}" for name in wanted)
+                  + " tokens (99th percentile of the training data)")
+    return dataclasses.replace(config, **{name: sized[name] for name in wanted})
+
+
+def _sized_conversations(records: list) -> list[Conversation]:
+    """What --max_source_length/--max_target_length auto are sized from: the conversations, or both sides of each pair."""
+    if records and isinstance(records[0], PreferencePair):
+        return [c for pair in records for c in (pair.chosen, pair.rejected)]
+    return records
 
 
 def _generation_metrics(bundle: ModelBundle, conversations: list[Conversation], config: GlmtuneConfig):

@@ -61,6 +61,7 @@ from glmtune.train.checkpoint import (
     truncate_log,
     write_run_record,
 )
+from glmtune.train.best import BestWeights
 from glmtune.train.objectives import Objective, SFTObjective
 from glmtune.train.plot import plot_loss
 from glmtune.train.trackers import Trackers
@@ -408,6 +409,7 @@ def train(
     eval_every = config.eval_steps or config.save_steps
     result = TrainResult(output_dir, steps)
     step_losses = _StepLosses()
+    best = BestWeights() if config.load_best_model_at_end else None
     model.train()
     started = time.perf_counter()
     window_tokens, window_start = 0, time.perf_counter()
@@ -442,7 +444,9 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             progress.update(1)
             logging_step = step % config.logging_steps == 0 or step == steps
-            evaluation_step = bool(config.do_eval and eval_examples and eval_every and step % eval_every == 0)
+            # With --load_best_model_at_end the last step is evaluated too, so it can be the best.
+            evaluation_step = bool(config.do_eval and eval_examples
+                                   and ((eval_every and step % eval_every == 0) or (best is not None and step == steps)))
             saving_step = bool(config.save_steps and step % config.save_steps == 0)
             if logging_step or evaluation_step or saving_step:  # read the losses (one sync), check them before a save
                 collected = step_losses.collect()
@@ -464,8 +468,10 @@ def train(
                     loggers.log(step, {**values, "learning_rate": scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_second})
                 window, window_tokens, window_start = [], 0, time.perf_counter()
             if evaluation_step:
-                _evaluate(trained_model, model, eval_examples, config, padding, autocast, objective, generation_metrics,
-                          step, result, loggers, progress)
+                eval_loss = _evaluate(trained_model, model, eval_examples, config, padding, autocast, objective,
+                                      generation_metrics, step, result, loggers, progress)
+                if best is not None:
+                    best.observe(step, eval_loss, trainable)
             if saving_step:
                 _check_weights(state, batches[-1], autocast, step)
                 save_checkpoint(output_dir, step, lambda folder: _write_checkpoint(state, folder, step, window, loggers.history if loggers else []),
@@ -475,6 +481,10 @@ def train(
         if loggers:
             loggers.close()
     result.train_seconds = time.perf_counter() - started
+    if best is not None and best.restore(trainable, steps):
+        logger.warning("--load_best_model_at_end: the output holds step %d's weights (validation loss %.4f)",
+                       best.step, best.loss)
+        state.record["best_step"] = best.step
     _check_weights(state, batches[-1] if batches else None, autocast, steps)
     _save_output(state, tokenizer, output_dir, result)
     if group.is_main and config.plot_loss:
@@ -483,7 +493,7 @@ def train(
 
 
 def _evaluate(trained_model: nn.Module, model: nn.Module, eval_examples: list[Example], config: GlmtuneConfig, padding: int,
-              autocast, objective: Objective, generation_metrics, step: int, result: TrainResult, loggers, progress) -> None:
+              autocast, objective: Objective, generation_metrics, step: int, result: TrainResult, loggers, progress) -> float:
     eval_loss = evaluate_loss(trained_model, eval_examples, config.per_device_eval_batch_size or 8, padding, autocast, objective)
     result.eval_losses.append((step, eval_loss))
     values = {"eval_loss": eval_loss}
@@ -494,3 +504,4 @@ def _evaluate(trained_model: nn.Module, model: nn.Module, eval_examples: list[Ex
     if loggers:
         loggers.log(step, values)
         progress.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
+    return eval_loss
