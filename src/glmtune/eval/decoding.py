@@ -23,6 +23,8 @@ instead of NaNs that a later zero attention weight would still turn into NaN.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
@@ -131,7 +133,9 @@ class SlotDecoder:
         layer_types = getattr(config, "layer_types", None) or []
         window = getattr(config, "sliding_window", None)
         self.sliding_window = window if window and "sliding_attention" in layer_types else None
-        self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
+        if use_graphs is None:  # GLMTUNE_CUDA_GRAPHS=0: eager decode steps, to compare (benchmarks/)
+            use_graphs = self.device.type == "cuda" and os.environ.get("GLMTUNE_CUDA_GRAPHS", "1") != "0"
+        self.use_graphs = use_graphs
         self.valid = torch.ones(slots, self.capacity, dtype=torch.bool, device=self.device)
         self.tokens = torch.zeros(slots, 1, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(slots, dtype=torch.long, device=self.device)

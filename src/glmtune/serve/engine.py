@@ -40,7 +40,7 @@ MAX_BATCH = 64  # rows of the running batch
 # The shared cache holds at most this many positions per row; the context the engine offers is capped to it.
 MAX_CACHE_POSITIONS = 4096
 # Share of free device memory the shared cache may take (CPU: a fixed budget).
-CACHE_MEMORY_SHARE = 0.4
+CACHE_MEMORY_SHARE = 0.6
 CPU_CACHE_BYTES = 1 << 30
 
 
