@@ -213,6 +213,8 @@ class QuantizedLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _use_matvec(x, self.in_features):
+            if self.nf4_pairs is not None and self.nf4_pairs.device != x.device:  # made after the move to the GPU
+                self.nf4_pairs = self.nf4_pairs.to(x.device)
             rows = x.reshape(-1, self.in_features)
             output = _compiled_matvec()(rows, self.weight, self.weight_scale, self.bits, x.dtype, self.nf4_pairs)
             output = output.view(*x.shape[:-1], self.out_features)
