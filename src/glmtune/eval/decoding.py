@@ -59,15 +59,18 @@ def _round_up_visible(length: int, capacity: int) -> int:
 
 
 class _SlotLayer:
-    """One layer's keys and values for every slot: ``[slots, kv_heads, capacity, head_dim]``, zeroed (never NaN)."""
+    """One layer's keys and values for every slot: ``[slots, kv_heads, capacity, head_dim]``, zeroed (never NaN).
 
-    def __init__(self, cache: SlotCache, index: int):
-        self.cache, self.index = cache, index
+    It holds no reference back to its ``SlotCache`` (which is passed in): without a cycle, a finished
+    decoder's cache is freed at once rather than at the next garbage collection.
+    """
+
+    def __init__(self, index: int):
+        self.index = index
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
 
-    def _allocate(self, like: torch.Tensor) -> None:
-        cache = self.cache
+    def _allocate(self, like: torch.Tensor, cache: SlotCache) -> None:
         shape = (cache.slots, like.shape[1], cache.capacity, like.shape[3])
         self.keys = torch.zeros(shape, dtype=like.dtype, device=like.device)
         self.values = torch.zeros(shape, dtype=like.dtype, device=like.device)
@@ -76,10 +79,9 @@ class _SlotLayer:
             self.keys[:, :, : keys.shape[2]] = keys.to(like.dtype)
             self.values[:, :, : values.shape[2]] = values.to(like.dtype)
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, cache: SlotCache):
         if self.keys is None:
-            self._allocate(key_states)
-        cache = self.cache
+            self._allocate(key_states, cache)
         if cache.rows is None:  # a decode step: the first ``active`` slots write at the shared position
             keys, values = self.keys[: cache.active], self.values[: cache.active]
             keys.index_copy_(2, cache.write_at, key_states)
@@ -105,7 +107,7 @@ class SlotCache:
 
     def __init__(self, layers: int, slots: int, capacity: int, prefix, device):
         self.slots, self.capacity, self.prefix = slots, capacity, prefix
-        self.layers = [_SlotLayer(self, index) for index in range(layers)]
+        self.layers = [_SlotLayer(index) for index in range(layers)]
         self.write_at = torch.zeros(1, dtype=torch.long, device=device)
         self.rows: torch.Tensor | None = None
         self.write_slots: torch.Tensor | None = None
@@ -113,7 +115,7 @@ class SlotCache:
         self.visible = capacity
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        return self.layers[layer_idx].update(key_states, value_states)
+        return self.layers[layer_idx].update(key_states, value_states, self)
 
 
 class SlotDecoder:
@@ -298,12 +300,15 @@ class TokenHistory:
 
 
 def choose_tokens(logits: torch.Tensor, settings, history: TokenHistory | None = None,
-                  noise: torch.Tensor | None = None) -> torch.Tensor:
-    """Next tokens ``[rows]`` on the device: penalties, then greedy or temperature/top-k/top-p sampling.
+                  noise: torch.Tensor | None = None, previous: torch.Tensor | None = None) -> torch.Tensor:
+    """Next tokens ``[rows]`` on the device: the request's own logits processor (given the ``previous``
+    tokens), penalties, then greedy or temperature/top-k/top-p sampling.
 
     Sampling takes ``argmax(p / E)`` with ``E ~ Exp(1)`` (``noise``), which draws from ``p`` without a
     host round trip (as gpt-fast does).
     """
+    if getattr(settings, "logits_processor", None) is not None:
+        logits = settings.logits_processor(previous, logits)
     if history is not None and history.seen is not None:
         penalty = settings.repetition_penalty
         logits = torch.where(history.seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)

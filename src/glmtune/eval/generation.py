@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,9 @@ class GenerationSettings:
     repetition_penalty: float = 1.0
     top_k: int = 0
     no_repeat_ngram_size: int = 0
+    #: Per-request constrained decoding (serve's tool calls / JSON): called each step with the tokens
+    #: picked at the previous step (None at the first) and the next-token logits; returns the logits to pick from.
+    logits_processor: Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor] | None = None
 
 
 def stop_token_ids(model: nn.Module, tokenizer) -> list[int]:
@@ -76,9 +80,10 @@ def decode(decoder: SlotDecoder, prompts: list[list[int]], pad_token_id: int, st
     stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     steps = []
+    previous = None
     for step in range(settings.max_new_tokens):
         noise = sampling_noise(rows, vocab, generator, device) if settings.do_sample else None
-        token = choose_tokens(logits, settings, history, noise)
+        token = previous = choose_tokens(logits, settings, history, noise, previous)
         token = torch.where(finished, torch.full_like(token, pad_token_id), token)
         steps.append(token)
         finished |= torch.isin(token, stop)
@@ -131,12 +136,13 @@ def _generate_chatglm(model, tokenizer, prompts, stop_ids, settings: GenerationS
     """Native ChatGLM models take the original's masks and positions, which their tokenizer builds."""
     if settings.num_beams > 1:
         raise GlmtuneError("--num_beams > 1 is not supported for native ChatGLM models")
+    if needs_history(settings) or settings.logits_processor is not None:
+        raise GlmtuneError("--repetition_penalty and --no_repeat_ngram_size are not supported for native ChatGLM models")
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in tokenizer.pad_ids(prompts).items()}
     output = model.generate(**inputs, max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample,
                             top_p=settings.top_p, temperature=settings.temperature, eos_token_id=stop_ids,
-                            top_k=settings.top_k or None, repetition_penalty=settings.repetition_penalty,
-                            no_repeat_ngram_size=settings.no_repeat_ngram_size,
+                            top_k=settings.top_k,
                             pad_token_id=tokenizer.pad_token_id, generator=generator if device.type == "cpu" else None)
     return _cut_at_stop(output[:, inputs["input_ids"].shape[1] :].tolist(), stop_ids)
 

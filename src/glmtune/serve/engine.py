@@ -72,6 +72,7 @@ class _Row:
     generator: torch.Generator | None
     history: TokenHistory | None
     start: int  # the first cache position of its prompt
+    previous: torch.Tensor | None = None  # its last token, for its settings' logits_processor
 
 
 class IncrementalDecoder:
@@ -314,6 +315,11 @@ class Engine:
         placed: list[Job] = []
         waiting: list[Job] = []
         for job in jobs:
+            if len(job.prompt_ids) + job.settings.max_new_tokens > capacity - first:
+                job.deliver(Output(error=f"the prompt is {len(job.prompt_ids)} tokens; with {job.settings.max_new_tokens} "
+                                         f"new tokens it exceeds the model's context of {self.context_length}"))
+                self._finished(job)
+                continue
             if len(rows) + len(placed) >= decoder.slots:
                 waiting.append(job)
                 continue
@@ -377,15 +383,20 @@ class Engine:
         where = {index: position for position, index in enumerate(logit_rows)}
         groups: dict[tuple, list[int]] = {}
         for index, row in rows.items():
-            key = dataclasses.astuple(dataclasses.replace(row.job.settings, seed=0, max_new_tokens=0))
-            groups.setdefault(key if not needs_history(row.job.settings) else (index,), []).append(index)
+            settings = row.job.settings
+            alone = needs_history(settings) or settings.logits_processor is not None  # state of this row alone
+            key = (index,) if alone else dataclasses.astuple(dataclasses.replace(settings, seed=0, max_new_tokens=0))
+            groups.setdefault(key, []).append(index)
         chosen = self._next_tokens  # rows not in ``rows`` keep their pending token
         for members in groups.values():
             settings, vocab = rows[members[0]].job.settings, logits.shape[-1]
             noise = torch.cat([sampling_noise(1, vocab, rows[i].generator, decoder.device) for i in members]) \
                 if settings.do_sample else None
-            picked = choose_tokens(logits[[where[i] for i in members]], settings, rows[members[0]].history, noise)
+            first = rows[members[0]]
+            picked = choose_tokens(logits[[where[i] for i in members]], settings, first.history, noise, first.previous)
             chosen[members] = picked
+            if settings.logits_processor is not None:
+                first.previous = picked
         tokens = chosen.tolist()  # the one host synchronisation of a step: streaming needs the tokens
         self._done = set()
         stops = set(self.stop_ids)
