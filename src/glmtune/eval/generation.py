@@ -136,7 +136,7 @@ def _generate_chatglm(model, tokenizer, prompts, stop_ids, settings: GenerationS
     """Native ChatGLM models take the original's masks and positions, which their tokenizer builds."""
     if settings.num_beams > 1:
         raise GlmtuneError("--num_beams > 1 is not supported for native ChatGLM models")
-    if needs_history(settings) or settings.logits_processor is not None:
+    if needs_history(settings):
         raise GlmtuneError("--repetition_penalty and --no_repeat_ngram_size are not supported for native ChatGLM models")
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in tokenizer.pad_ids(prompts).items()}
