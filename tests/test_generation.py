@@ -40,3 +40,48 @@ def test_generate_texts_keeps_prompt_order_and_sampling_is_seeded(tiny_llama):
     sampled = [generate_texts(model, tokenizer, prompts, GenerationSettings(max_new_tokens=5, do_sample=True, seed=3),
                               batch_size=4, show_progress=False)[0] for _ in range(2)]
     assert sampled[0] == sampled[1]
+
+
+def test_penalties_match_transformers_and_batch_like_single_rows(tiny_llama):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    prompts = prompts_of(tokenizer)
+    settings = GenerationSettings(max_new_tokens=16, repetition_penalty=1.5, no_repeat_ngram_size=2)
+    plain = [generate_batch(model, [p], tokenizer.pad_token_id, [], GenerationSettings(max_new_tokens=16))[0] for p in prompts]
+    ours = [generate_batch(model, [p], tokenizer.pad_token_id, [], settings)[0] for p in prompts]
+    for prompt, tokens in zip(prompts, ours):
+        ids = torch.tensor([prompt])
+        reference = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
+                                   repetition_penalty=1.5, no_repeat_ngram_size=2, eos_token_id=None,
+                                   pad_token_id=tokenizer.pad_token_id)
+        assert tokens == reference[0, len(prompt):].tolist()
+        sequence = prompt + tokens
+        bigrams = list(zip(sequence, sequence[1:]))
+        assert len(bigrams) == len(set(bigrams))
+    assert ours != plain  # the penalties changed something
+    assert generate_batch(model, prompts, tokenizer.pad_token_id, [], settings) == ours
+
+
+def test_top_k_one_samples_the_greedy_tokens(tiny_llama):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    prompts = prompts_of(tokenizer)
+    greedy = generate_batch(model, prompts, tokenizer.pad_token_id, [], GenerationSettings(max_new_tokens=8))
+    top1 = generate_batch(model, prompts, tokenizer.pad_token_id, [],
+                          GenerationSettings(max_new_tokens=8, do_sample=True, top_k=1, temperature=2.0, seed=5))
+    wide = generate_batch(model, prompts, tokenizer.pad_token_id, [],
+                          GenerationSettings(max_new_tokens=8, do_sample=True, top_p=1.0, temperature=5.0, seed=5))
+    assert top1 == greedy and wide != greedy
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_fused_matvec_equals_dequantize_then_multiply(bits):
+    from glmtune.models.quantization import dequantize_matvec, dequantize_weight, nf4_pairs, quantize_weight
+
+    torch.manual_seed(0)
+    codes, scale = quantize_weight(torch.randn(48, 128), bits)
+    x = torch.randn(3, 128)
+    pairs = nf4_pairs() if bits == 4 else None
+    expected = torch.nn.functional.linear(x, dequantize_weight(codes, scale, bits, torch.float32, pairs))
+    torch.testing.assert_close(dequantize_matvec(x, codes, scale, bits, torch.float32, pairs), expected)

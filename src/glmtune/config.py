@@ -229,6 +229,11 @@ class GenerationConfig:
     top_p: float = _help("Nucleus sampling threshold (seed: 0.7).", default=0.7)
     temperature: float = _help("Sampling temperature (seed: 0.95).", default=0.95)
     num_beams: int = _help("Beam search width (1 = greedy/sampling).", default=1)
+    repetition_penalty: float = _help(
+        "Divide the scores of tokens already in the prompt or answer by this (>1 discourages loops; 1 = off).", default=1.0
+    )
+    top_k: int = _help("Sample only from the k most likely tokens (0 = off; with --do_sample).", default=0)
+    no_repeat_ngram_size: int = _help("Never repeat an n-gram of this size from the prompt or answer (0 = off).", default=0)
 
 
 # The sections in the order --help shows them; a command parses the sections it needs.

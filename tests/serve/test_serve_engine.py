@@ -117,3 +117,36 @@ def test_native_chatglm_answers_in_one_piece(tmp_path, monkeypatch):
     [expected], _ = generate_texts(engine.model, engine.tokenizer, [prompt], settings, show_progress=False)
     assert engine.is_chatglm and list(engine.stream(prompt, settings)) == [expected]
     engine.close()
+
+
+def test_a_request_joins_the_running_batch_and_answers_as_alone(tiny_llama):
+    engine = Engine.from_config(GlmtuneConfig(model_name_or_path=str(tiny_llama)))
+    engine.stop_ids = []  # the long request runs its full length
+    short_prompt = engine.chat_prompt([], "问")
+    long_prompt = engine.chat_prompt([], "类型#裤*版型#宽松*风格#复古*图案#格子*裤长#九分裤")
+    assert len(long_prompt) > len(short_prompt)  # joining needs the running rows moved right
+    long_run, joiner = GenerationSettings(max_new_tokens=300), GenerationSettings(max_new_tokens=6, do_sample=True, seed=7)
+    alone_long = "".join(engine.stream(short_prompt, long_run))
+    alone_joiner = "".join(engine.stream(long_prompt, joiner))
+    events: list[str] = []
+    texts = {"long": [], "joiner": []}
+    finished = threading.Semaphore(0)
+    started = threading.Event()
+
+    def collector(name):
+        def deliver(output: Output):
+            texts[name].append(output.text)
+            started.set()
+            if output.finish_reason or output.error:
+                events.append(name)
+                finished.release()
+        return deliver
+
+    engine.submit(short_prompt, long_run, collector("long"))
+    assert started.wait(timeout=60)
+    engine.submit(long_prompt, joiner, collector("joiner"))
+    for _ in range(2):
+        assert finished.acquire(timeout=120)
+    engine.close()
+    assert events == ["joiner", "long"]  # it did not wait for the running request to end
+    assert "".join(texts["joiner"]) == alone_joiner and "".join(texts["long"]) == alone_long

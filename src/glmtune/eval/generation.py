@@ -1,24 +1,29 @@
-"""Batched generation: left-padded, sorted by length, with the KV cache.
+"""Batched generation for predict and compare: left-padded, sorted by length, through ``SlotDecoder``.
 
-Our own decoding loop rather than ``model.generate`` because the P-Tuning v2 prefix lives in the KV
-cache, which ``generate`` assumes belongs to tokens of ``input_ids``. Greedy and top-p sampling are
-handled here; beam search goes to ``generate`` for models without a prefix.
+Greedy and sampling go through glmtune's decoding core (``eval/decoding.py``: a preallocated KV cache
+with the P-Tuning v2 prefix in its first slots, CUDA-graph decode steps, tokens chosen on the device);
+beam search goes to ``model.generate`` for models without a prefix.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import DynamicCache
-from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 from glmtune.errors import GlmtuneError
-from glmtune.methods.ptuning import PrefixTuningModel, cache_argument_name, prefix_positions
+from glmtune.eval.decoding import (SlotDecoder, TokenHistory, choose_tokens, innermost, kv_bytes_per_position,
+                                   needs_history, sampling_noise)
+from glmtune.methods.ptuning import PrefixTuningModel
+from glmtune.models.introspect import text_config
+
+# Stop tokens are checked on the host every this many steps (a check synchronises with the device).
+STOP_CHECK_EVERY = 8
 
 
 @dataclass
@@ -29,18 +34,18 @@ class GenerationSettings:
     temperature: float = 0.95
     num_beams: int = 1
     seed: int = 42
-
-
-def _innermost(model: nn.Module) -> nn.Module:
-    while hasattr(model, "get_base_model") or isinstance(model, PrefixTuningModel):
-        model = model.base_model if isinstance(model, PrefixTuningModel) else model.get_base_model()
-    return model
+    repetition_penalty: float = 1.0
+    top_k: int = 0
+    no_repeat_ngram_size: int = 0
+    #: Per-request constrained decoding (serve's tool calls / JSON): called each step with the tokens
+    #: picked at the previous step (None at the first) and the next-token logits; returns the logits to pick from.
+    logits_processor: Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor] | None = None
 
 
 def stop_token_ids(model: nn.Module, tokenizer) -> list[int]:
     """EOS of the tokenizer plus any the model's generation config lists (e.g. Gemma's <end_of_turn>)."""
     ids = {tokenizer.eos_token_id}
-    configured = getattr(getattr(_innermost(model), "generation_config", None), "eos_token_id", None)
+    configured = getattr(getattr(innermost(model), "generation_config", None), "eos_token_id", None)
     ids.update(configured if isinstance(configured, list) else [configured])
     return sorted(i for i in ids if i is not None)
 
@@ -55,61 +60,56 @@ def left_pad(prompts: list[list[int]], pad_token_id: int, device) -> tuple[torch
     return input_ids.to(device), attention_mask.to(device)
 
 
-def _pick(logits: torch.Tensor, settings: GenerationSettings, generator: torch.Generator | None) -> torch.Tensor:
-    if not settings.do_sample:
-        return logits.argmax(-1)
-    scores = TemperatureLogitsWarper(settings.temperature)(None, logits)
-    scores = TopPLogitsWarper(settings.top_p)(None, scores)
-    probabilities = torch.softmax(scores, dim=-1)
-    return torch.multinomial(probabilities.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+def decoder_for(model: nn.Module, rows: int, longest_prompt: int, settings: GenerationSettings) -> SlotDecoder:
+    """A decoder with ``rows`` slots, room for the longest prompt plus ``max_new_tokens``."""
+    return SlotDecoder(model, rows, longest_prompt + settings.max_new_tokens)
 
 
 @torch.no_grad()
-def iter_generate(
-    model: nn.Module, prompts: list[list[int]], pad_token_id: int, stop_ids: list[int], settings: GenerationSettings,
-    generator: torch.Generator | None = None,
-) -> Iterator[torch.Tensor]:
-    """Yield the next token of every row, step by step (finished rows get ``pad_token_id``).
-
-    Stops after ``max_new_tokens`` or once every row has produced a stop token. Greedy or sampling.
-    """
-    device = next(model.parameters()).device
-    input_ids, attention_mask = left_pad(prompts, pad_token_id, device)
-    prefix_model = model if isinstance(model, PrefixTuningModel) else None
-    runner = prefix_model.base_model if prefix_model else model
-    cache = prefix_model.prefix_cache(len(prompts), for_generation=True) if prefix_model else DynamicCache()
-    full_mask = prefix_model.extend_mask(attention_mask) if prefix_model else attention_mask
-    positions = prefix_positions(attention_mask)
-    stop = torch.tensor(stop_ids, device=device)
-    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    cache_kwargs = {cache_argument_name(_innermost(model)): cache}
-    step_input = input_ids
-    for _ in range(settings.max_new_tokens):
-        logits = runner(
-            input_ids=step_input, attention_mask=full_mask, position_ids=positions, use_cache=True, logits_to_keep=1,
-            **cache_kwargs,
-        ).logits[:, -1, :].float()
-        token = _pick(logits, settings, generator)
+def decode(decoder: SlotDecoder, prompts: list[list[int]], pad_token_id: int, stop_ids: list[int],
+           settings: GenerationSettings, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``[rows, steps]`` new tokens of each prompt (``pad_token_id`` after a row's stop token)."""
+    device, rows = decoder.device, len(prompts)
+    decoder.position = decoder.prefix_length + max(len(p) for p in prompts)
+    for row in range(rows, decoder.slots):
+        decoder.release(row)
+    logits = decoder.prefill(list(range(rows)), prompts, pad_token_id)
+    vocab = logits.shape[-1]
+    history = TokenHistory(prompts, vocab, device, settings.repetition_penalty != 1.0,
+                           settings.no_repeat_ngram_size) if needs_history(settings) else None
+    stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    steps = []
+    previous = None
+    for step in range(settings.max_new_tokens):
+        noise = sampling_noise(rows, vocab, generator, device) if settings.do_sample else None
+        token = previous = choose_tokens(logits, settings, history, noise, previous)
         token = torch.where(finished, torch.full_like(token, pad_token_id), token)
-        yield token
+        steps.append(token)
         finished |= torch.isin(token, stop)
-        if finished.all():
-            return
-        step_input = token[:, None]
-        full_mask = torch.cat([full_mask, full_mask.new_ones(len(prompts), 1)], dim=1)
-        positions = positions[:, -1:] + 1
+        if step + 1 == settings.max_new_tokens or ((step + 1) % STOP_CHECK_EVERY == 0 and bool(finished.all())):
+            break
+        if history is not None:
+            history.add(token)
+        logits = decoder.step(token)[:rows]
+    return torch.stack(steps, dim=1)
+
+
+def sampling_generator(settings: GenerationSettings, device) -> torch.Generator | None:
+    return torch.Generator(device).manual_seed(settings.seed) if settings.do_sample else None
 
 
 def generate_batch(
     model: nn.Module, prompts: list[list[int]], pad_token_id: int, stop_ids: list[int], settings: GenerationSettings,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, decoder: SlotDecoder | None = None,
 ) -> list[list[int]]:
     """New token ids for each prompt, cut before the first stop token."""
+    device = next(model.parameters()).device
     if settings.num_beams > 1:
-        device = next(model.parameters()).device
         return _beam_search(model, *left_pad(prompts, pad_token_id, device), pad_token_id, stop_ids, settings)
-    steps = list(iter_generate(model, prompts, pad_token_id, stop_ids, settings, generator))
-    return _cut_at_stop(torch.stack(steps, dim=1).tolist(), stop_ids)
+    decoder = decoder or decoder_for(model, len(prompts), max(len(p) for p in prompts), settings)
+    generator = generator or sampling_generator(settings, device)
+    return _cut_at_stop(decode(decoder, prompts, pad_token_id, stop_ids, settings, generator).tolist(), stop_ids)
 
 
 def _beam_search(model, input_ids, attention_mask, pad_token_id, stop_ids, settings) -> list[list[int]]:
@@ -136,28 +136,32 @@ def _generate_chatglm(model, tokenizer, prompts, stop_ids, settings: GenerationS
     """Native ChatGLM models take the original's masks and positions, which their tokenizer builds."""
     if settings.num_beams > 1:
         raise GlmtuneError("--num_beams > 1 is not supported for native ChatGLM models")
+    if needs_history(settings):
+        raise GlmtuneError("--repetition_penalty and --no_repeat_ngram_size are not supported for native ChatGLM models")
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in tokenizer.pad_ids(prompts).items()}
     output = model.generate(**inputs, max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample,
                             top_p=settings.top_p, temperature=settings.temperature, eos_token_id=stop_ids,
+                            top_k=settings.top_k,
                             pad_token_id=tokenizer.pad_token_id, generator=generator if device.type == "cpu" else None)
     return _cut_at_stop(output[:, inputs["input_ids"].shape[1] :].tolist(), stop_ids)
 
 
-def auto_batch_size(model: nn.Module, prompt_length: int, max_new_tokens: int) -> int:
-    """A batch size that fits: the KV cache and last-step logits per sample against half the free memory."""
+def auto_batch_size(model: nn.Module, prompt_length: int, max_new_tokens: int, prompts: int) -> int:
+    """A batch size that fits: the KV cache and last-step logits per sample against half the free memory,
+    then evened out so that the last batch is not a small remainder (each batch costs as many decode steps)."""
     device = next(model.parameters()).device
     if device.type != "cuda":
-        return 8
-    from glmtune.models.introspect import attention_shape, text_config
-
-    layers, kv_heads, head_dim, hidden = attention_shape(_innermost(model))
+        return min(8, prompts)
+    inner = innermost(model)
     element = next(model.parameters()).element_size()
-    tokens = prompt_length + max_new_tokens
-    per_sample = 2 * layers * kv_heads * head_dim * element * tokens + 8 * text_config(_innermost(model)).vocab_size
-    per_sample += 16 * hidden * prompt_length * element  # prefill activations
+    hidden = text_config(inner).hidden_size
+    tokens = prompt_length + max_new_tokens + getattr(model, "pre_seq_len", 0)
+    per_sample = kv_bytes_per_position(model, next(model.parameters()).dtype) * tokens
+    per_sample += 8 * text_config(inner).vocab_size + 16 * hidden * prompt_length * element  # logits, prefill activations
     free, _ = torch.cuda.mem_get_info(device)
-    return int(max(1, min(512, free * 0.5 // per_sample)))
+    largest = int(max(1, min(1024, free * 0.5 // per_sample)))
+    return math.ceil(prompts / math.ceil(prompts / largest))
 
 
 def generate_texts(
@@ -168,23 +172,30 @@ def generate_texts(
     model.eval()
     from glmtune.data.preprocess import pad_id
 
+    longest = max(len(p) for p in prompts)
     if batch_size is None:
-        batch_size = auto_batch_size(model, max(len(p) for p in prompts), settings.max_new_tokens)
+        batch_size = auto_batch_size(model, longest, settings.max_new_tokens, len(prompts))
+    stops = stop_token_ids(model, tokenizer)
+    device = next(model.parameters()).device
     if getattr(getattr(model, "config", None), "model_type", None) == "chatglm":
-        def generate_rows(rows, generator):
+        generator = torch.Generator().manual_seed(settings.seed)
+
+        def generate_rows(rows):
             return _generate_chatglm(model, tokenizer, rows, stops, settings, generator)
     else:
-        def generate_rows(rows, generator):
-            return generate_batch(model, rows, pad_id(tokenizer), stops, settings, generator)
+        generator = sampling_generator(settings, device)
+        # One decoder for every batch: its cache and graphs are made once.
+        decoder = None if settings.num_beams > 1 else decoder_for(model, min(batch_size, len(prompts)), longest, settings)
+
+        def generate_rows(rows):
+            return generate_batch(model, rows, pad_id(tokenizer), stops, settings, generator, decoder)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    stops = stop_token_ids(model, tokenizer)
-    generator = torch.Generator().manual_seed(settings.seed)
     answers: list[str] = [""] * len(prompts)
     started = time.perf_counter()
     with tqdm(total=len(prompts), desc="generating", unit="sample", disable=not show_progress) as progress:
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
-            outputs = generate_rows([prompts[i] for i in batch], generator)
+            outputs = generate_rows([prompts[i] for i in batch])
             for index, tokens in zip(batch, outputs):
                 answers[index] = tokenizer.decode(tokens, skip_special_tokens=True).strip()
             progress.update(len(batch))

@@ -1,8 +1,10 @@
 """One loaded model behind a queue: chat, web and the API server all generate through an ``Engine``.
 
-A single worker thread owns the model, so requests never interleave into each other's state. Greedy
-requests waiting together (same model view) run as one left-padded batch, which gives the same tokens
-as running them one by one; sampled requests run alone so that their ``seed`` reproduces their answer.
+A single worker thread owns the model, so requests never interleave into each other's state. The
+worker batches continuously: requests for the running model view (tuned or base) join the running
+batch at its next step, each in a row of its own of ``SlotDecoder``'s cache, and leave it when they
+end. A row's result does not depend on its neighbours (greedy equals greedy alone; a sampled request
+draws from its own generator seeded with its ``seed``, so the seed reproduces its answer in any batch).
 """
 
 from __future__ import annotations
@@ -24,15 +26,22 @@ from glmtune.config import GlmtuneConfig
 from glmtune.data.formats import Conversation, Turn
 from glmtune.data.preprocess import build_prompts, pad_id
 from glmtune.errors import GlmtuneError
-from glmtune.eval.generation import GenerationSettings, generate_texts, iter_generate, stop_token_ids
+from glmtune.eval.decoding import (SlotDecoder, TokenHistory, choose_tokens, kv_bytes_per_position, needs_history,
+                                   sampling_noise)
+from glmtune.eval.generation import GenerationSettings, generate_texts, stop_token_ids
 from glmtune.methods.ptuning import PrefixTuningModel
-from glmtune.models.introspect import text_config
+from glmtune.models.introspect import parameter_dtype, text_config
 from glmtune.recipes.common import ModelBundle, load_base, load_for_inference, trained_weights_folder
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_NEW_TOKENS = 256
-MAX_BATCH = 32
+MAX_BATCH = 64  # rows of the running batch
+# The shared cache holds at most this many positions per row; the context the engine offers is capped to it.
+MAX_CACHE_POSITIONS = 4096
+# Share of free device memory the shared cache may take (CPU: a fixed budget).
+CACHE_MEMORY_SHARE = 0.6
+CPU_CACHE_BYTES = 1 << 30
 
 
 @dataclass
@@ -53,8 +62,17 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     completion_tokens: int = 0
 
-    def batch_key(self) -> tuple | None:
-        return None if self.settings.do_sample else ("greedy", self.base)
+
+@dataclass
+class _Row:
+    """A job in the running batch: its text decoder, random generator and token history."""
+
+    job: Job
+    decoder: IncrementalDecoder
+    generator: torch.Generator | None
+    history: TokenHistory | None
+    start: int  # the first cache position of its prompt
+    previous: torch.Tensor | None = None  # its last token, for its settings' logits_processor
 
 
 class IncrementalDecoder:
@@ -124,10 +142,14 @@ class Engine:
         self.tokenizer = bundle.tokenizer
         self.is_chatglm = getattr(self.model.config, "model_type", None) == "chatglm"
         self.stop_ids = stop_token_ids(self.model, self.tokenizer)
-        self.context_length = context_length(self.model)
+        self.context_length = min(context_length(self.model), MAX_CACHE_POSITIONS)
         self._base_copy: nn.Module | None = None
         self._pending: deque[Job] = deque()
         self._running: list[Job] = []
+        self._decoder: SlotDecoder | None = None
+        self._decoder_view: bool | None = None
+        self._next_tokens: torch.Tensor | None = None
+        self._done: set[int] = set()
         self._closed = False
         self._wakeup = threading.Condition()
         self._worker = threading.Thread(target=self._work, name="glmtune-engine", daemon=True)
@@ -147,6 +169,8 @@ class Engine:
         settings = GenerationSettings(
             max_new_tokens=config.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, do_sample=config.do_sample,
             top_p=config.top_p, temperature=config.temperature, seed=config.seed,
+            repetition_penalty=config.repetition_penalty, top_k=config.top_k,
+            no_repeat_ngram_size=config.no_repeat_ngram_size,
         )
         return dataclasses.replace(settings, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -215,79 +239,198 @@ class Engine:
 
     # ---- the worker ----
 
-    def _next_batch(self) -> list[Job] | None:
+    def _take_jobs(self, view: bool | None, free: int) -> tuple[bool | None, list[Job]] | None:
+        """Wait for work; pending jobs for the running view (or, when idle, the first job's), at most ``free``."""
         with self._wakeup:
-            while not self._pending and not self._closed:
+            while not self._pending and view is None and not self._closed:
                 self._wakeup.wait()
             if self._closed:
                 return None
-            batch = [self._pending.popleft()]
-            key = batch[0].batch_key()
-            others: deque[Job] = deque()
-            while key is not None and self._pending:
-                job = self._pending.popleft()
-                (batch if job.batch_key() == key and len(batch) < MAX_BATCH else others).append(job)
-            self._pending.extendleft(reversed(others))
-            self._running = batch
-            return batch
+            if view is None:
+                view = self._pending[0].base
+            taken = [job for job in self._pending if job.base == view][:free]
+            for job in taken:
+                self._pending.remove(job)
+            self._running.extend(taken)
+            return view, taken
+
+    def _give_back(self, jobs: list[Job]) -> None:
+        with self._wakeup:
+            for job in jobs:
+                self._running.remove(job)
+            self._pending.extendleft(reversed(jobs))
+
+    def _finished(self, job: Job) -> None:
+        with self._wakeup:
+            self._running.remove(job)
 
     def _work(self) -> None:
-        while (batch := self._next_batch()) is not None:
-            batch = [job for job in batch if not job.cancelled.is_set()]
-            if not batch:
-                continue
+        rows: dict[int, _Row] = {}
+        view: bool | None = None
+        while (taken := self._take_jobs(view if rows else None, MAX_BATCH - len(rows))) is not None:
+            view, jobs = taken
+            jobs = [job for job in jobs if not job.cancelled.is_set() or self._finished(job)]
             try:
-                with self._model_view(batch[0].base) as model:
+                with self._model_view(view) as model:
                     if self.is_chatglm:
-                        self._generate_whole(model, batch)
-                    else:
-                        self._generate_streaming(model, batch)
+                        for job in jobs:
+                            self._generate_whole(model, job)
+                        continue
+                    decoder = self._decoder_for(view, model)
+                    waiting = self._admit(decoder, rows, jobs)
+                    if rows:
+                        self._step(decoder, rows)
+                if waiting:
+                    self._give_back(waiting)
             except Exception as error:  # the worker must survive one failed request
                 logger.exception("generation failed")
-                for job in batch:
+                for job in {id(j): j for j in [*jobs, *(r.job for r in rows.values())]}.values():
                     job.deliver(Output(error=f"generation failed: {error}"))
+                    with contextlib.suppress(ValueError):
+                        self._finished(job)
+                rows.clear()
+                self._decoder = None
 
-    def _generate_streaming(self, model: nn.Module, batch: list[Job]) -> None:
-        settings = dataclasses.replace(batch[0].settings, max_new_tokens=max(j.settings.max_new_tokens for j in batch))
-        generator = torch.Generator().manual_seed(settings.seed) if settings.do_sample else None
-        decoders = [IncrementalDecoder(self.tokenizer) for _ in batch]
-        active = set(range(len(batch)))
-        stops = set(self.stop_ids)
+    # ---- continuous batching ----
 
-        def finish(row: int, reason: str) -> None:
-            active.discard(row)
-            batch[row].deliver(Output(decoders[row].flush(), finish_reason=reason))
+    def _decoder_for(self, view: bool, model: nn.Module) -> SlotDecoder:
+        """The shared cache of the view's model: as many rows as memory allows, ``context_length`` positions each."""
+        if self._decoder is None or self._decoder_view != view:
+            self._decoder = None
+            per_row = kv_bytes_per_position(model, parameter_dtype(model)) * (self.context_length + 1)
+            device = next(model.parameters()).device
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                budget = torch.cuda.mem_get_info(device)[0] * CACHE_MEMORY_SHARE
+            else:
+                budget = CPU_CACHE_BYTES
+            slots = int(max(1, min(MAX_BATCH, budget // per_row)))
+            self._decoder, self._decoder_view = SlotDecoder(model, slots, self.context_length), view
+        return self._decoder
 
-        prompts = [job.prompt_ids for job in batch]
-        steps = iter_generate(model, prompts, pad_id(self.tokenizer), self.stop_ids, settings, generator)
-        for tokens in steps:
-            for row in sorted(active):
-                job, token = batch[row], int(tokens[row])
-                if job.cancelled.is_set():
-                    active.discard(row)
-                elif token in stops:
-                    finish(row, "stop")
+    def _admit(self, decoder: SlotDecoder, rows: dict[int, _Row], jobs: list[Job]) -> list[Job]:
+        """Give each job that fits a free row, its prompt right-aligned to the shared position (moving the
+        running rows' cache to make room if that helps), prefill them together; the jobs that must wait."""
+        first, capacity = decoder.prefix_length, decoder.capacity
+        placed: list[Job] = []
+        waiting: list[Job] = []
+        for job in jobs:
+            if len(job.prompt_ids) + job.settings.max_new_tokens > capacity - first:
+                job.deliver(Output(error=f"the prompt is {len(job.prompt_ids)} tokens; with {job.settings.max_new_tokens} "
+                                         f"new tokens it exceeds the model's context of {self.context_length}"))
+                self._finished(job)
+                continue
+            if len(rows) + len(placed) >= decoder.slots:
+                waiting.append(job)
+                continue
+            candidates = [*placed, job]
+            longest = max(len(j.prompt_ids) for j in candidates)
+            need = max([j.settings.max_new_tokens for j in candidates]
+                       + [r.job.settings.max_new_tokens - r.job.completion_tokens for r in rows.values()])
+            position = decoder.position
+            if not rows:
+                if first + longest + need <= capacity:
+                    decoder.position = first + longest
+                    placed.append(job)
                 else:
-                    job.completion_tokens += 1
-                    text = decoders[row].push(token)
-                    if text:
-                        job.deliver(Output(text))
-                    if job.completion_tokens >= job.settings.max_new_tokens:
-                        finish(row, "length")
-            if not active:
-                steps.close()
-                break
-        for row in sorted(active):
-            finish(row, "length")
+                    waiting.append(job)
+                continue
+            if position >= first + longest and position + need <= capacity:
+                placed.append(job)
+                continue
+            lowest = min(r.start for r in rows.values())
+            moved = max(first + position - lowest, first + longest)
+            if moved + need <= capacity:
+                decoder.shift(lowest, moved - position)
+                for row in rows.values():
+                    row.start += moved - position
+                placed.append(job)
+            else:
+                waiting.append(job)
+        if not placed:
+            return waiting
+        if not rows:
+            for index in range(decoder.slots):
+                decoder.release(index)
+        free = [index for index in range(decoder.slots) if index not in rows][: len(placed)]
+        logits = decoder.prefill(free, [job.prompt_ids for job in placed], pad_id(self.tokenizer))
+        new_rows = {}
+        for index, job in zip(free, placed):
+            settings = job.settings
+            generator = torch.Generator(decoder.device).manual_seed(settings.seed) if settings.do_sample else None
+            history = TokenHistory([job.prompt_ids], logits.shape[-1], decoder.device, settings.repetition_penalty != 1.0,
+                                   settings.no_repeat_ngram_size) if needs_history(settings) else None
+            new_rows[index] = _Row(job, IncrementalDecoder(self.tokenizer), generator, history,
+                                   decoder.position - len(job.prompt_ids))
+        self._take_tokens(decoder, new_rows, logits, list(new_rows))
+        rows.update({index: row for index, row in new_rows.items() if index not in self._done})
+        return waiting
 
-    def _generate_whole(self, model: nn.Module, batch: list[Job]) -> None:
+    def _step(self, decoder: SlotDecoder, rows: dict[int, _Row]) -> None:
+        active = 1
+        while active < max(rows) + 1:
+            active *= 2
+        active = min(active, decoder.slots)
+        logits = decoder.step(self._next_tokens[:active], active)
+        self._take_tokens(decoder, rows, logits, list(range(active)))
+        for index in self._done:
+            rows.pop(index, None)
+
+    def _take_tokens(self, decoder: SlotDecoder, rows: dict[int, _Row], logits: torch.Tensor, logit_rows: list[int]) -> None:
+        """Choose each row's next token (rows with equal settings together), stream it, retire finished rows."""
+        if self._next_tokens is None or self._next_tokens.shape[0] != decoder.slots:
+            self._next_tokens = torch.zeros(decoder.slots, dtype=torch.long, device=decoder.device)
+        where = {index: position for position, index in enumerate(logit_rows)}
+        groups: dict[tuple, list[int]] = {}
+        for index, row in rows.items():
+            settings = row.job.settings
+            alone = needs_history(settings) or settings.logits_processor is not None  # state of this row alone
+            key = (index,) if alone else dataclasses.astuple(dataclasses.replace(settings, seed=0, max_new_tokens=0))
+            groups.setdefault(key, []).append(index)
+        chosen = self._next_tokens  # rows not in ``rows`` keep their pending token
+        for members in groups.values():
+            settings, vocab = rows[members[0]].job.settings, logits.shape[-1]
+            noise = torch.cat([sampling_noise(1, vocab, rows[i].generator, decoder.device) for i in members]) \
+                if settings.do_sample else None
+            first = rows[members[0]]
+            picked = choose_tokens(logits[[where[i] for i in members]], settings, first.history, noise, first.previous)
+            chosen[members] = picked
+            if settings.logits_processor is not None:
+                first.previous = picked
+        tokens = chosen.tolist()  # the one host synchronisation of a step: streaming needs the tokens
+        self._done = set()
+        stops = set(self.stop_ids)
+        for index, row in rows.items():
+            job, token = row.job, tokens[index]
+            if row.history is not None:
+                row.history.add(chosen[index : index + 1])
+            if job.cancelled.is_set():
+                self._retire(decoder, index, row, None)
+            elif token in stops:
+                self._retire(decoder, index, row, "stop")
+            else:
+                job.completion_tokens += 1
+                text = row.decoder.push(token)
+                if text:
+                    job.deliver(Output(text))
+                if job.completion_tokens >= job.settings.max_new_tokens:
+                    self._retire(decoder, index, row, "length")
+
+    def _retire(self, decoder: SlotDecoder, index: int, row: _Row, reason: str | None) -> None:
+        if reason:
+            row.job.deliver(Output(row.decoder.flush(), finish_reason=reason))
+        decoder.release(index)
+        self._done.add(index)
+        self._finished(row.job)
+
+    def _generate_whole(self, model: nn.Module, job: Job) -> None:
         """Native ChatGLM models generate with their own masks, so their answer comes in one piece."""
-        for job in batch:
-            [answer], _ = generate_texts(model, self.tokenizer, [job.prompt_ids], job.settings, batch_size=1,
-                                         show_progress=False)
-            job.completion_tokens = len(self.tokenizer(answer, add_special_tokens=False)["input_ids"])
-            reason = "length" if job.completion_tokens >= job.settings.max_new_tokens else "stop"
-            job.deliver(Output(answer, finish_reason=reason))
+        [answer], _ = generate_texts(model, self.tokenizer, [job.prompt_ids], job.settings, batch_size=1,
+                                     show_progress=False)
+        job.completion_tokens = len(self.tokenizer(answer, add_special_tokens=False)["input_ids"])
+        reason = "length" if job.completion_tokens >= job.settings.max_new_tokens else "stop"
+        job.deliver(Output(answer, finish_reason=reason))
+        self._finished(job)
 
     @contextlib.contextmanager
     def _model_view(self, base: bool) -> Iterator[nn.Module]:

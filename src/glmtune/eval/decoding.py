@@ -1,0 +1,332 @@
+"""The decoding core behind predict, compare, chat, web and serve: row slots in a preallocated KV cache.
+
+``SlotDecoder`` holds, for a fixed number of rows ("slots"), keys and values for ``capacity`` token
+positions, allocated once, with the P-Tuning v2 prefix written into the first ``prefix_length``
+positions of every row. All rows write their next token at one shared position, so a decode step is
+the same computation every time: on CUDA it is captured once as a CUDA graph per (rows in use, visible
+length) and replayed, with no host synchronisation and no per-step allocation. A row's prompt is
+written right-aligned to the shared position, which lets a new request join a running batch at the
+next step (the serve engine's continuous batching): positions are relative (RoPE), so where a row's
+tokens sit in the cache does not change its result.
+
+Why our own loop and not ``model.generate``: the P-Tuning v2 prefix lives in the KV cache, which
+``generate`` assumes belongs to tokens of ``input_ids``; ``generate`` cannot admit new rows into a
+running batch; and on the H200 its static cache needs a 31 s ``torch.compile`` warm-up per batch
+shape. Here the graphs replay eager kernels, so capturing one costs three forward passes
+(benchmarks/RESULTS.md compares both at the same batch size).
+
+The attention mask is built from a preallocated ``valid`` table on the device and handed to the
+model as a finished 4D mask (transformers returns such masks as they are). Each query position also
+sees itself, so no row is ever fully masked: a padding position then yields finite keys and values
+instead of NaNs that a later zero attention weight would still turn into NaN.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from glmtune.methods.ptuning import PrefixTuningModel, cache_argument_name, prefix_positions
+from glmtune.models.introspect import attention_shape, text_config
+
+# A decode step attends to the first ``visible`` positions: at least this many, else rounded up to one of
+# four sizes per doubling (80, 96, 112, 128, 160, ...), so attention reads little more than it needs
+# (it is a third of a decode step at batch 535 on the 7.66B proxy) and a long chat needs few graphs.
+MIN_VISIBLE = 64
+
+
+def innermost(model: nn.Module) -> nn.Module:
+    """The transformers model under PEFT and P-Tuning wrappers."""
+    while hasattr(model, "get_base_model") or isinstance(model, PrefixTuningModel):
+        model = model.base_model if isinstance(model, PrefixTuningModel) else model.get_base_model()
+    return model
+
+
+def kv_bytes_per_position(model: nn.Module, dtype: torch.dtype) -> int:
+    """Bytes one row's keys and values take per position, over all layers."""
+    layers, kv_heads, head_dim, _ = attention_shape(innermost(model))
+    return 2 * layers * kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+
+
+def _round_up_visible(length: int, capacity: int) -> int:
+    if length <= MIN_VISIBLE:
+        return min(MIN_VISIBLE, capacity)
+    step = 1 << max(4, (length - 1).bit_length() - 3)
+    return min(-(-length // step) * step, capacity)
+
+
+class _SlotLayer:
+    """One layer's keys and values for every slot: ``[slots, kv_heads, capacity, head_dim]``, zeroed (never NaN).
+
+    It holds no reference back to its ``SlotCache`` (which is passed in): without a cycle, a finished
+    decoder's cache is freed at once rather than at the next garbage collection.
+    """
+
+    def __init__(self, index: int):
+        self.index = index
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+    def _allocate(self, like: torch.Tensor, cache: SlotCache) -> None:
+        shape = (cache.slots, like.shape[1], cache.capacity, like.shape[3])
+        self.keys = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        self.values = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        if cache.prefix is not None:
+            keys, values = cache.prefix[self.index]
+            self.keys[:, :, : keys.shape[2]] = keys.to(like.dtype)
+            self.values[:, :, : values.shape[2]] = values.to(like.dtype)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, cache: SlotCache):
+        if self.keys is None:
+            self._allocate(key_states, cache)
+        if cache.rows is None:  # a decode step: the first ``active`` slots write at the shared position
+            keys, values = self.keys[: cache.active], self.values[: cache.active]
+            keys.index_copy_(2, cache.write_at, key_states)
+            values.index_copy_(2, cache.write_at, value_states)
+            return keys[:, :, : cache.visible], values[:, :, : cache.visible]
+        rows, slots = cache.rows[:, None], cache.write_slots
+        self.keys[rows, :, slots] = key_states.transpose(1, 2)
+        self.values[rows, :, slots] = value_states.transpose(1, 2)
+        return self.keys[cache.rows, :, : cache.visible], self.values[cache.rows, :, : cache.visible]
+
+    def shift(self, start: int, end: int, offset: int) -> None:
+        for tensor in (self.keys, self.values):
+            if tensor is not None:
+                tensor[:, :, start + offset : end + offset] = tensor[:, :, start:end].clone()
+
+
+class SlotCache:
+    """What the model's attention layers see as their cache: ``update(keys, values, layer_idx)`` only.
+
+    Not a ``transformers.Cache``: the model gets finished 4D masks, so nothing else of the cache API is
+    used, and the same object works on transformers 5.17 (``past_key_values``) and 5.24 (``cache``).
+    """
+
+    def __init__(self, layers: int, slots: int, capacity: int, prefix, device):
+        self.slots, self.capacity, self.prefix = slots, capacity, prefix
+        self.layers = [_SlotLayer(index) for index in range(layers)]
+        self.write_at = torch.zeros(1, dtype=torch.long, device=device)
+        self.rows: torch.Tensor | None = None
+        self.write_slots: torch.Tensor | None = None
+        self.active = slots
+        self.visible = capacity
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        return self.layers[layer_idx].update(key_states, value_states, self)
+
+
+class SlotDecoder:
+    """A model, its slot cache and the buffers and graphs of its decode step."""
+
+    def __init__(self, model: nn.Module, slots: int, capacity: int, use_graphs: bool | None = None):
+        prefix_model = model if isinstance(model, PrefixTuningModel) else None
+        self.runner = prefix_model.base_model if prefix_model else model
+        inner = innermost(model)
+        config = text_config(inner)
+        self.device = next(model.parameters()).device
+        self.prefix_length = prefix_model.pre_seq_len if prefix_model else 0
+        self.slots, self.capacity = slots, self.prefix_length + capacity
+        self.cache_argument = cache_argument_name(inner)
+        with torch.no_grad():
+            prefix = [tuple(t.detach() for t in kv) for kv in prefix_model.prefix_key_values(1)] if prefix_model else None
+        self.cache = SlotCache(attention_shape(inner)[0], slots, self.capacity, prefix, self.device)
+        self.attention = getattr(config, "_attn_implementation", "sdpa")
+        layer_types = getattr(config, "layer_types", None) or []
+        window = getattr(config, "sliding_window", None)
+        self.sliding_window = window if window and "sliding_attention" in layer_types else None
+        if use_graphs is None:  # GLMTUNE_CUDA_GRAPHS=0: eager decode steps, to compare (benchmarks/)
+            use_graphs = self.device.type == "cuda" and os.environ.get("GLMTUNE_CUDA_GRAPHS", "1") != "0"
+        self.use_graphs = use_graphs
+        self.valid = torch.ones(slots, self.capacity, dtype=torch.bool, device=self.device)
+        self.tokens = torch.zeros(slots, 1, dtype=torch.long, device=self.device)
+        self.positions = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self.position = self.prefix_length  # where the next token of every row is written
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = None
+
+    # ---- masks and the forward pass ----
+
+    def _mask(self, query_slots: torch.Tensor, valid: torch.Tensor, visible: int):
+        """``[rows, 1, queries, visible]``: valid earlier slots, the prefix, and each query itself."""
+        slots = torch.arange(visible, device=self.device)
+        earlier = slots[None, :] <= query_slots[:, None]
+        itself = slots[None, :] == query_slots[:, None]
+        allowed = (valid[:, None, :visible] & earlier[None]) | itself[None]
+        masks = {"full_attention": allowed}
+        if self.sliding_window:
+            near = (query_slots[:, None] - slots[None, :] < self.sliding_window) | (slots[None, :] < self.prefix_length)
+            masks["sliding_attention"] = allowed & near[None]
+        if self.attention == "eager":  # eager attention adds the mask to the scores
+            masks = {k: torch.zeros(m.shape, device=self.device).masked_fill_(~m, float("-inf")) for k, m in masks.items()}
+        masks = {k: m[:, None] for k, m in masks.items()}
+        return masks if self.sliding_window else masks["full_attention"]
+
+    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask) -> torch.Tensor:
+        output = self.runner(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
+                             logits_to_keep=1, **{self.cache_argument: self.cache})
+        return output.logits[:, -1, :].float()
+
+    # ---- prompts ----
+
+    @torch.no_grad()
+    def prefill(self, rows: list[int], prompts: list[list[int]], pad_token_id: int) -> torch.Tensor:
+        """Write each prompt right-aligned to ``position`` in its row; the next-token logits ``[rows, vocab]``."""
+        end, length = self.position, max(len(p) for p in prompts)
+        if end - length < self.prefix_length:
+            raise ValueError(f"a prompt of {length} tokens does not fit before position {end}")
+        input_ids = torch.full((len(prompts), length), pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(prompts), length), dtype=torch.long)
+        for index, (row, prompt) in enumerate(zip(rows, prompts)):
+            input_ids[index, length - len(prompt) :] = torch.tensor(prompt)
+            attention[index, length - len(prompt) :] = 1
+            self.valid[row] = True
+            self.valid[row, self.prefix_length : end - len(prompt)] = False
+        input_ids, attention = input_ids.to(self.device), attention.to(self.device)
+        row_index = torch.tensor(rows, device=self.device)
+        cache = self.cache
+        cache.rows, cache.write_slots, cache.visible = row_index, torch.arange(end - length, end, device=self.device), end
+        try:
+            logits = self._forward(input_ids, prefix_positions(attention), self._mask(cache.write_slots, self.valid[row_index], end))
+        finally:
+            cache.rows = None
+        self.positions[row_index] = attention.sum(-1)
+        return logits
+
+    def release(self, row: int) -> None:
+        """A free row sees every slot, so its (ignored) attention never divides by zero."""
+        self.valid[row] = True
+
+    def shift(self, start: int, offset: int) -> None:
+        """Move the slots ``[start, position)`` of every row by ``offset``; ``position`` moves with them."""
+        end = self.position
+        for layer in self.cache.layers:
+            layer.shift(start, end, offset)
+        self.valid[:, start + offset : end + offset] = self.valid[:, start:end].clone()
+        if offset < 0:
+            self.valid[:, end + offset : end] = True
+        else:
+            self.valid[:, start : start + offset] = False
+        self.position += offset
+
+    # ---- decode steps ----
+
+    def _decode(self, active: int, visible: int) -> torch.Tensor:
+        cache = self.cache
+        cache.active, cache.visible = active, visible
+        mask = self._mask(cache.write_at, self.valid[:active], visible)
+        return self._forward(self.tokens[:active], self.positions[:active, None], mask)
+
+    def _graph(self, active: int, visible: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        key = (active, visible)
+        if key not in self._graphs:
+            # The warm-up run writes the same keys and values the real step will write, so it is harmless.
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                self._decode(active, visible)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                logits = self._decode(active, visible)
+            self._graphs[key] = (graph, logits)
+        return self._graphs[key]
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, active: int | None = None) -> torch.Tensor:
+        """Write ``tokens`` (one per row in use) at ``position``; the next logits ``[active, vocab]``."""
+        active = self.slots if active is None else active
+        if self.position >= self.capacity:
+            raise ValueError(f"the cache holds {self.capacity} positions; all are used")
+        self.tokens[: tokens.shape[0], 0].copy_(tokens)
+        self.cache.write_at.fill_(self.position)
+        visible = _round_up_visible(self.position + 1, self.capacity)
+        if self.use_graphs:
+            graph, logits = self._graph(active, visible)
+            graph.replay()
+        else:
+            logits = self._decode(active, visible)
+        self.positions[:active] += 1
+        self.position += 1
+        return logits
+
+
+# ---- choosing tokens ----
+
+
+class TokenHistory:
+    """What repetition penalty and ``no_repeat_ngram_size`` look at: each row's prompt and answer so far.
+
+    Written here rather than with transformers' processors: those read ``input_ids``, where left padding
+    would count as tokens (a batched row would differ from the same prompt alone), and the n-gram one
+    loops over rows on the host every step.
+    """
+
+    def __init__(self, prompts: list[list[int]], vocab_size: int, device, penalty: bool, ngram: int):
+        self.ngram = ngram
+        self.seen = None
+        if penalty:
+            self.seen = torch.zeros(len(prompts), vocab_size, dtype=torch.bool, device=device)
+            for row, prompt in enumerate(prompts):
+                self.seen[row, torch.tensor(prompt, dtype=torch.long, device=device)] = True
+        self.tokens = None
+        if ngram:
+            length = max(len(p) for p in prompts)
+            self.tokens = torch.full((len(prompts), length), -1, dtype=torch.long, device=device)
+            for row, prompt in enumerate(prompts):
+                self.tokens[row, length - len(prompt) :] = torch.tensor(prompt, dtype=torch.long, device=device)
+
+    def add(self, tokens: torch.Tensor) -> None:
+        if self.seen is not None:
+            self.seen.scatter_(1, tokens[:, None], True)
+        if self.tokens is not None:
+            self.tokens = torch.cat([self.tokens, tokens[:, None]], dim=1)
+
+    def banned(self, vocab_size: int) -> torch.Tensor | None:
+        """``[rows, vocab]``: tokens that would repeat an n-gram of the row (pads never match)."""
+        size, history = self.ngram, self.tokens
+        if history is None or history.shape[1] < size:
+            return None
+        windows = history.unfold(1, size, 1)  # [rows, count, size]
+        suffix = history[:, history.shape[1] - size + 1 :]
+        matches = (windows[:, :, :-1] == suffix[:, None, :]).all(-1) & (windows >= 0).all(-1)
+        counts = torch.zeros(history.shape[0], vocab_size, device=history.device)
+        counts.scatter_add_(1, windows[:, :, -1].clamp(min=0), matches.float())
+        return counts > 0
+
+
+def choose_tokens(logits: torch.Tensor, settings, history: TokenHistory | None = None,
+                  noise: torch.Tensor | None = None, previous: torch.Tensor | None = None) -> torch.Tensor:
+    """Next tokens ``[rows]`` on the device: the request's own logits processor (given the ``previous``
+    tokens), penalties, then greedy or temperature/top-k/top-p sampling.
+
+    Sampling takes ``argmax(p / E)`` with ``E ~ Exp(1)`` (``noise``), which draws from ``p`` without a
+    host round trip (as gpt-fast does).
+    """
+    if getattr(settings, "logits_processor", None) is not None:
+        logits = settings.logits_processor(previous, logits)
+    if history is not None and history.seen is not None:
+        penalty = settings.repetition_penalty
+        logits = torch.where(history.seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+    if history is not None and (banned := history.banned(logits.shape[-1])) is not None:
+        logits = logits.masked_fill(banned, float("-inf"))
+    if not settings.do_sample:
+        return logits.argmax(-1)
+    scores = TemperatureLogitsWarper(settings.temperature)(None, logits)
+    if settings.top_k:
+        scores = TopKLogitsWarper(settings.top_k)(None, scores)
+    if settings.top_p < 1.0:
+        scores = TopPLogitsWarper(settings.top_p)(None, scores)
+    return (torch.softmax(scores, dim=-1) / noise).argmax(-1)
+
+
+def needs_history(settings) -> bool:
+    return settings.repetition_penalty != 1.0 or settings.no_repeat_ngram_size > 0
+
+
+def sampling_noise(rows: int, vocab_size: int, generator: torch.Generator, device) -> torch.Tensor:
+    return torch.empty(rows, vocab_size, device=device).exponential_(generator=generator)
