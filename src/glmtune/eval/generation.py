@@ -8,7 +8,7 @@ handled here; beam search goes to ``generate`` for models without a prefix.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +29,9 @@ class GenerationSettings:
     temperature: float = 0.95
     num_beams: int = 1
     seed: int = 42
+    #: Per-request constrained decoding (serve's tool calls / JSON): called each step with the tokens
+    #: picked at the previous step (None at the first) and the next-token logits; returns the logits to pick from.
+    logits_processor: Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor] | None = None
 
 
 def _innermost(model: nn.Module) -> nn.Module:
@@ -84,12 +87,16 @@ def iter_generate(
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     cache_kwargs = {cache_argument_name(_innermost(model)): cache}
     step_input = input_ids
+    previous = None
     for _ in range(settings.max_new_tokens):
         logits = runner(
             input_ids=step_input, attention_mask=full_mask, position_ids=positions, use_cache=True, logits_to_keep=1,
             **cache_kwargs,
         ).logits[:, -1, :].float()
+        if settings.logits_processor is not None:
+            logits = settings.logits_processor(previous, logits)
         token = _pick(logits, settings, generator)
+        previous = token
         token = torch.where(finished, torch.full_like(token, pad_token_id), token)
         yield token
         finished |= torch.isin(token, stop)

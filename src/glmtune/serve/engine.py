@@ -54,7 +54,8 @@ class Job:
     completion_tokens: int = 0
 
     def batch_key(self) -> tuple | None:
-        return None if self.settings.do_sample else ("greedy", self.base)
+        constrained = self.settings.logits_processor is not None  # its processor holds this one request's state
+        return None if self.settings.do_sample or constrained else ("greedy", self.base)
 
 
 class IncrementalDecoder:
