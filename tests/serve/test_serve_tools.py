@@ -148,7 +148,7 @@ def test_bad_tool_requests_are_400_naming_the_field(client, tool_engine, change,
 
 @pytest.mark.parametrize("messages, param", [
     ([{"role": "tool", "tool_call_id": "x", "content": "1"}], "messages.0.tool_call_id"),
-    (ASK + [{"role": "assistant", "content": "ok"}, {"role": "tool", "tool_call_id": "x", "content": "1"}], "messages.2"),
+    (ASK + [{"role": "assistant", "content": "ok"}, {"role": "tool", "tool_call_id": "x", "content": "1"}], "messages.2.tool_call_id"),
     (ASK + [{"role": "assistant", "tool_calls": [{"id": "a", "type": "function",
                                                    "function": {"name": "add", "arguments": "{"}}]}],
      "messages.1.tool_calls.0.function.arguments"),
