@@ -118,7 +118,8 @@ class ChatTemplate(Template):
 
     def segments(self, conversation: Conversation) -> list[Segment]:
         messages = self._system_messages(conversation)
-        segments, pending, rendered = [], "", self._render(messages, False)
+        rendered = self._render(messages, False)
+        segments, pending = [], rendered  # the system text opens the first prompt
         for turn in conversation.turns:
             messages += self._query_messages(turn)
             with_prompt = self._render(messages, True)
