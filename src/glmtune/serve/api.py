@@ -1,8 +1,9 @@
 """``glmtune serve``: an OpenAI-compatible HTTP API (FastAPI) in front of one ``Engine``.
 
-Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions`` and ``POST /v1/completions``, plain or
-streamed as server-sent events. Errors use OpenAI's shape (``{"error": {"message", "type", ...}}``),
-so the official clients raise their usual exceptions.
+Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions`` (with ``tools``/``tool_choice`` and
+``response_format``) and ``POST /v1/completions``, plain or streamed as server-sent events. Errors use
+OpenAI's shape (``{"error": {"message", "type", "param", ...}}``), so the official clients raise their
+usual exceptions; every parameter glmtune does not implement is such a 400, naming it.
 """
 
 from __future__ import annotations
@@ -390,13 +391,14 @@ def _param(location: tuple) -> str | None:
     for part in location:
         if part == "body" or (isinstance(part, str) and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", part)):
             continue
-        if isinstance(part, str) and part in _ROLE_TAGS and parts and parts[-1].isdigit():
+        if isinstance(part, str) and (part in _UNION_LABELS or (part in _ROLE_TAGS and parts and parts[-1].isdigit())):
             continue
         parts.append(str(part))
     return ".".join(parts) or None
 
 
 _ROLE_TAGS = {"system", "developer", "user", "assistant", "tool"}
+_UNION_LABELS = {"str", "int", "float", "bool", "dict", "list", "literal"}
 
 
 def create_app(engine: Engine, api_key: str | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
@@ -677,10 +679,11 @@ def check_listen(host: str, port: int, api_key: str | None) -> None:
             raise GlmtuneError(f"cannot listen on {host}:{port}: {error.strerror}") from None
 
 
-def run_serve(config: GlmtuneConfig, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None) -> None:
+def run_serve(config: GlmtuneConfig, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> None:
     """Serve the OpenAI-compatible API until interrupted."""
     import uvicorn
 
     check_listen(host, port, api_key)
     engine = Engine.from_config(config)
-    uvicorn.run(create_app(engine, api_key), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(engine, api_key, max_request_bytes), host=host, port=port, log_level="info")
