@@ -32,13 +32,15 @@ def corpus_texts() -> list[str]:
     return [r["content"] + r["summary"] for r in records] + ["一二三问答轮你是助手翻译"]
 
 
-def build_model_folder(folder: Path, architecture: str, seed: int = 0) -> Path:
-    """``llama`` (grouped-query attention) or ``gemma`` (Gemma 3: one KV head, sliding-window layers)."""
+def build_model_folder(folder: Path, architecture: str, seed: int = 0, extra_text: str = "",
+                       context: int = 512) -> Path:
+    """``llama`` (grouped-query attention) or ``gemma`` (Gemma 3: one KV head, sliding-window layers).
+    ``extra_text``'s characters join the vocabulary (e.g. JSON punctuation for tool calls)."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
-    tokenizer = build_tokenizer(corpus_texts())
+    tokenizer = build_tokenizer(corpus_texts() + [extra_text])
     common = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+                  num_attention_heads=4, max_position_embeddings=context, pad_token_id=tokenizer.pad_token_id,
                   bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(seed)
     if architecture == "llama":

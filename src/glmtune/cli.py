@@ -108,14 +108,16 @@ OWN_FLAGS_AND_PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options"
 @app.command(context_settings=OWN_FLAGS_AND_PASS_THROUGH)
 def web(
     ctx: typer.Context,
-    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on; anything but loopback needs --auth."),
     port: int = typer.Option(7860, help="Port to listen on."),
+    auth: str = typer.Option(None, envvar="GLMTUNE_WEB_AUTH",
+                             help="USER:PASSWORD: the page asks for them (Gradio's login)."),
 ) -> None:
     """Browser chat demo (Gradio): streaming, history, sampling controls, base vs tuned. Model flags as for chat."""
     require_extra("web", "gradio", needed_for="glmtune web")
     from glmtune.serve.web import run_web
 
-    run_web(_config(ctx, "web", inference_only=True), host=host, port=port)
+    run_web(_config(ctx, "web", inference_only=True), host=host, port=port, auth=auth)
 
 
 @app.command(context_settings=OWN_FLAGS_AND_PASS_THROUGH)
@@ -124,12 +126,15 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Address to listen on; anything but loopback needs --api-key."),
     port: int = typer.Option(8000, help="Port to listen on."),
     api_key: str = typer.Option(None, envvar="GLMTUNE_API_KEY", help="Require 'Authorization: Bearer KEY'."),
+    max_request_bytes: int = typer.Option(4 * 1024 * 1024, min=1, help="Refuse larger request bodies (HTTP 413)."),
 ) -> None:
-    """OpenAI-compatible API: /v1/models, /v1/chat/completions, /v1/completions (SSE streaming). Model flags as for chat."""
+    """OpenAI-compatible API: /v1/models, /v1/chat/completions (tools, tool_choice, response_format), /v1/completions
+    (SSE streaming). Model flags as for chat."""
     require_extra("serve", "fastapi", "uvicorn", "pydantic", needed_for="glmtune serve")
     from glmtune.serve.api import run_serve
 
-    run_serve(_config(ctx, "serve", inference_only=True), host=host, port=port, api_key=api_key)
+    run_serve(_config(ctx, "serve", inference_only=True), host=host, port=port, api_key=api_key,
+              max_request_bytes=max_request_bytes)
 
 
 @app.command(context_settings=OWN_FLAGS_AND_PASS_THROUGH)

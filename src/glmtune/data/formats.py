@@ -6,7 +6,9 @@ Three record formats are understood:
   ``--history_column`` holding ``[[query, answer], ...]``.
 * ``alpaca``: ``instruction``, optional ``input``, ``output`` and optional ``history``.
 * ``sharegpt``: ``conversations``, a list of ``{"from": "human"|"gpt"|"system", "value": ...}``
-  (``role``/``content`` with user/assistant are accepted too).
+  (``role``/``content`` with user/assistant are accepted too). Tool-call data (LLaMA-Factory's glaive
+  style): ``function_call`` turns (the call as JSON) and ``observation`` turns (the tool's result), with
+  the function definitions in the record's ``tools`` (a JSON string or a list).
 
 Files are a JSON array, JSON lines, CSV (a header row) or Parquet (needs pyarrow). Every problem is reported as
 ``file:line: what is wrong``.
@@ -21,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from glmtune.data.tools import ToolCall, normalize_tools, parse_calls_value
 from glmtune.errors import GlmtuneError
 
 logger = logging.getLogger(__name__)
@@ -31,6 +34,10 @@ class Turn:
     query: str
     answer: str
     trains: bool = True
+    #: Tool results that take the place of the query (sharegpt ``observation``, OpenAI ``tool`` messages).
+    observations: list[str] = field(default_factory=list)
+    #: Function calls the answer makes (sharegpt ``function_call``, OpenAI ``tool_calls``).
+    calls: list[ToolCall] = field(default_factory=list)
 
 
 @dataclass
@@ -40,6 +47,7 @@ class Conversation:
     turns: list[Turn]
     system: str | None = None
     source: str = ""  # "file:line", for messages
+    tools: list[dict] | None = None  # function definitions ({"name", "description", "parameters"})
 
 
 @dataclass
@@ -211,7 +219,8 @@ def to_conversation(record, options: FormatOptions, where: str) -> Conversation:
     raise GlmtuneError(f"unknown --dataset_format {options.dataset_format}")
 
 
-_ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+_ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
+               "function_call": "function_call", "observation": "observation", "tool": "observation"}
 
 
 def _sharegpt(record: dict, options: FormatOptions, where: str) -> Conversation:
@@ -219,6 +228,10 @@ def _sharegpt(record: dict, options: FormatOptions, where: str) -> Conversation:
     messages = record.get(key)
     if not isinstance(messages, list) or not messages:
         raise BadRecord(f"{where}: missing key 'conversations' (a non-empty list of turns)")
+    try:
+        functions = normalize_tools(record["tools"], where) if record.get("tools") is not None else []
+    except GlmtuneError as error:
+        raise BadRecord(str(error)) from None
     system = None
     roles_and_texts = []
     for index, message in enumerate(messages):
@@ -232,16 +245,48 @@ def _sharegpt(record: dict, options: FormatOptions, where: str) -> Conversation:
         if role == "system" and index == 0:
             system = text
         else:
-            roles_and_texts.append((role, text))
-    if not roles_and_texts or roles_and_texts[-1][0] != "assistant":
+            roles_and_texts.append((role, text, f"{where}: key '{key}' item {index}"))
+    if not roles_and_texts or roles_and_texts[-1][0] not in ("assistant", "function_call"):
         if options.require_response or not roles_and_texts:
             raise BadRecord(f"{where}: key '{key}' must end with an assistant (gpt) turn")
-        roles_and_texts.append(("assistant", ""))
-    if len(roles_and_texts) % 2 or any(
-        role != expected for (role, _), expected in zip(roles_and_texts, ["user", "assistant"] * len(roles_and_texts))
-    ):
-        raise BadRecord(f"{where}: key '{key}' turns must alternate human, gpt")
-    pairs = list(zip(roles_and_texts[::2], roles_and_texts[1::2]))
-    last = len(pairs) - 1
-    turns = [Turn(q, a, trains=options.train_on == "all" or i == last) for i, ((_, q), (_, a)) in enumerate(pairs)]
-    return Conversation(turns, system=system, source=where)
+        roles_and_texts.append(("assistant", "", where))
+    turns = _sharegpt_turns(roles_and_texts, key, where)
+    uses_tools = any(turn.calls for turn in turns)
+    if uses_tools and not functions:
+        raise BadRecord(f"{where}: a function_call turn needs the record's 'tools' (the function definitions)")
+    last_user = max(i for i, turn in enumerate(turns) if not turn.observations)
+    for index, turn in enumerate(turns):
+        # A tool round trains every assistant turn of the last request (its calls and its final answer).
+        turn.trains = options.train_on == "all" or index == len(turns) - 1 or (uses_tools and index >= last_user)
+    return Conversation(turns, system=system, source=where, tools=functions or None)
+
+
+def _sharegpt_turns(messages: list[tuple[str, str, str]], key: str, where: str) -> list[Turn]:
+    """(query or observations, answer or calls) turns: human/observation then gpt/function_call, alternating."""
+    turns: list[Turn] = []
+    current: Turn | None = None
+    for role, text, at in messages:
+        if role == "user":
+            if current is not None:
+                raise BadRecord(f"{where}: key '{key}' turns must alternate human, gpt")
+            current = Turn(text, "")
+        elif role == "observation":
+            if current is None and turns and turns[-1].calls:
+                current = Turn("", "", observations=[text])
+            elif current is not None and current.observations:
+                current.observations.append(text)
+            else:
+                raise BadRecord(f"{at}: an observation must follow a function_call turn")
+        elif current is None:
+            raise BadRecord(f"{where}: key '{key}' turns must alternate human, gpt")
+        else:
+            if role == "function_call":
+                try:
+                    current.calls = parse_calls_value(text, at)
+                except GlmtuneError as error:
+                    raise BadRecord(str(error)) from None
+            else:
+                current.answer = text
+            turns.append(current)
+            current = None
+    return turns

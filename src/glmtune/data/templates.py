@@ -7,8 +7,10 @@ into the prompt of the next turn that does, so ``train_on=last`` gives one promp
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
+from glmtune.data import tools
 from glmtune.data.formats import Conversation, Turn
 from glmtune.errors import GlmtuneError
 
@@ -48,20 +50,32 @@ class Template:
 
     def segments(self, conversation: Conversation) -> list[Segment]:
         segments, pending = [], ""
+        system = tools.system_text(conversation.system, conversation.tools or [])
         for index, turn in enumerate(conversation.turns, start=1):
-            prompt = pending + self.turn_prompt(index, turn.query, conversation.system)
+            prompt = pending + self.turn_prompt(index, query_text(turn), system)
             if turn.trains:
-                segments.append(Segment(prompt, turn.answer, True))
+                segments.append(Segment(prompt, answer_text(turn), True))
                 pending = self.turn_separator()
             else:
-                pending = prompt + turn.answer + self.turn_separator()
+                pending = prompt + answer_text(turn) + self.turn_separator()
         return segments
 
     def generation_prompt(self, conversation: Conversation) -> str:
         """The text a model continues to answer the last turn."""
-        history = [Turn(t.query, t.answer, trains=False) for t in conversation.turns[:-1]]
-        folded = Conversation(history + [Turn(conversation.turns[-1].query, "")], conversation.system)
+        history = [dataclasses.replace(t, trains=False) for t in conversation.turns[:-1]]
+        last = dataclasses.replace(conversation.turns[-1], answer="", calls=[])
+        folded = dataclasses.replace(conversation, turns=history + [last])
         return "".join(s.prompt for s in self.segments(folded))
+
+
+def query_text(turn: Turn) -> str:
+    """A turn's query as text: the user's message, or the tool results in glmtune's fallback tool format."""
+    return tools.results_text(turn.observations) if turn.observations else turn.query
+
+
+def answer_text(turn: Turn) -> str:
+    """A turn's answer as text: its words, then its calls in glmtune's fallback tool format."""
+    return "\n".join(part for part in (turn.answer, tools.calls_text(turn.calls)) if part)
 
 
 class ChatTemplate(Template):
@@ -75,6 +89,8 @@ class ChatTemplate(Template):
         self.name = "chat"
         self.tokenizer = tokenizer
         self.render_options = render_options or {}  # extra variables for the template, e.g. enable_thinking
+        self.native_tools = tools.template_supports_tools(tokenizer)
+        self._tools: list[dict] | None = None
         self.answer_has_end_marker = self._closes_answers()
 
     def _closes_answers(self) -> bool:
@@ -88,16 +104,36 @@ class ChatTemplate(Template):
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         if not messages:
             return ""
+        extra = {"tools": tools.openai_tools(self._tools)} if self._tools and self.native_tools else {}
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                                  **self.render_options)
+                                                  **self.render_options, **extra)
+
+    def _system_messages(self, conversation: Conversation) -> list[dict]:
+        """The system message; tools go to the template itself, or into the system text (the fallback)."""
+        self._tools = conversation.tools
+        system = conversation.system if self.native_tools else tools.system_text(conversation.system, self._tools or [])
+        return [{"role": "system", "content": system}] if system else []
+
+    def _query_messages(self, turn: Turn) -> list[dict]:
+        if turn.observations and self.native_tools:
+            return [{"role": "tool", "content": result} for result in turn.observations]
+        return [{"role": "user", "content": query_text(turn)}]
+
+    def _answer_message(self, turn: Turn) -> dict:
+        if turn.calls and self.native_tools:
+            calls = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                     for c in turn.calls]
+            return {"role": "assistant", "content": turn.answer, "tool_calls": calls}
+        return {"role": "assistant", "content": answer_text(turn)}
 
     def segments(self, conversation: Conversation) -> list[Segment]:
-        messages = [{"role": "system", "content": conversation.system}] if conversation.system else []
-        segments, pending, rendered = [], "", self._render(messages, False)
+        messages = self._system_messages(conversation)
+        rendered = self._render(messages, False)
+        segments, pending = [], rendered  # the system text opens the first prompt
         for turn in conversation.turns:
-            messages.append({"role": "user", "content": turn.query})
+            messages += self._query_messages(turn)
             with_prompt = self._render(messages, True)
-            messages.append({"role": "assistant", "content": turn.answer})
+            messages.append(self._answer_message(turn))
             full = self._render(messages, False)
             if not (with_prompt.startswith(rendered) and full.startswith(with_prompt)):
                 raise GlmtuneError("this tokenizer's chat template does not render turns incrementally; use --template chatglm")
@@ -111,10 +147,10 @@ class ChatTemplate(Template):
         return segments
 
     def generation_prompt(self, conversation: Conversation) -> str:
-        messages = [{"role": "system", "content": conversation.system}] if conversation.system else []
+        messages = self._system_messages(conversation)
         for turn in conversation.turns[:-1]:
-            messages += [{"role": "user", "content": turn.query}, {"role": "assistant", "content": turn.answer}]
-        messages.append({"role": "user", "content": conversation.turns[-1].query})
+            messages += self._query_messages(turn) + [self._answer_message(turn)]
+        messages += self._query_messages(conversation.turns[-1])
         return self._render(messages, True)
 
 
@@ -140,13 +176,21 @@ class NativeChatGLMTemplate(Template):
     def encode_example(self, conversation: Conversation, max_source_length: int, max_target_length: int):
         from glmtune.models.chatglm import build_train_example
 
+        _refuse_tools(conversation)
         last = conversation.turns[-1]
         return build_train_example(self.tokenizer, last.query, last.answer, max_source_length, max_target_length,
                                    self.history(conversation))
 
     def encode_prompt(self, conversation: Conversation, max_source_length: int) -> list[int]:
+        _refuse_tools(conversation)
         text = self.tokenizer.build_prompt(conversation.turns[-1].query, self.history(conversation))
         return self.tokenizer.encode(text, add_special_tokens=True, truncation=True, max_length=max_source_length)
+
+
+def _refuse_tools(conversation: Conversation) -> None:
+    if conversation.tools or any(turn.calls or turn.observations for turn in conversation.turns):
+        raise GlmtuneError(f"{conversation.source or 'a conversation'}: tool calls are not supported with the native "
+                           "ChatGLM prompt format yet; use --template chatglm (glmtune's fallback tool format)")
 
 
 def is_chatglm_tokenizer(tokenizer) -> bool:

@@ -1,24 +1,28 @@
 """``glmtune serve``: an OpenAI-compatible HTTP API (FastAPI) in front of one ``Engine``.
 
-Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions`` and ``POST /v1/completions``, plain or
-streamed as server-sent events. Errors use OpenAI's shape (``{"error": {"message", "type", ...}}``),
-so the official clients raise their usual exceptions.
+Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions`` (with ``tools``/``tool_choice`` and
+``response_format``) and ``POST /v1/completions``, plain or streamed as server-sent events. Errors use
+OpenAI's shape (``{"error": {"message", "type", "param", ...}}``), so the official clients raise their
+usual exceptions; every parameter glmtune does not implement is such a 400, naming it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import ipaddress
 import json
+import re
 import secrets
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
@@ -26,11 +30,18 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from glmtune.config import GlmtuneConfig
+from glmtune.data.formats import Conversation, Turn
+from glmtune.data.preprocess import build_prompts
+from glmtune.data.tools import CallSplitter, ToolCall, parse_answer
 from glmtune.errors import GlmtuneError
 from glmtune.eval.generation import GenerationSettings
+from glmtune.models.introspect import text_config
+from glmtune.serve.constraints import Constraints, GrammarProcessor
 from glmtune.serve.engine import Engine, Output
 
 BASE_SUFFIX = ":base"
+DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024  # 4 MiB: above a long context's worth of text, far below memory trouble
+DISCONNECT_POLL_S = 0.2  # how often a non-streaming request checks that its client is still there
 
 
 class ApiError(Exception):
@@ -43,64 +54,204 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
-# ---- request bodies (unknown OpenAI parameters are accepted and ignored) ----
+# ---- request bodies ----
+# Strict: a wrong type is a 400, never coerced ("4" is not 4), and a parameter glmtune does not implement is
+# a 400 naming it (extra="forbid"), as OpenAI's API answers; nothing is silently dropped.
 
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+MAX_SEED = 2**63 - 1
+UNSUPPORTED_VALUES = {"n": "glmtune returns one choice per request (n=1)",
+                      "logprobs": "glmtune does not return log probabilities (logprobs=false)"}
 
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Request(_Strict):
     model: str
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    n: Literal[1] = 1
-    stream: bool = False
-    stream_options: dict | None = None
-    seed: int | None = None
+    n: Literal[1] | None = 1
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stop: str | list[str] | None = None
+    logprobs: Literal[False] | None = None
+    user: str | None = None  # an end-user id for the caller's own records; it changes nothing here
 
     def include_usage(self) -> bool:
-        return bool((self.stream_options or {}).get("include_usage"))
+        return bool(self.stream_options and self.stream_options.include_usage)
 
 
-class TextPart(BaseModel):
+class TextPart(_Strict):
     type: Literal["text"]
     text: str
 
 
-class Message(BaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+Content = str | list[TextPart]
 
-    def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
-        return self.content or ""
+
+def _text(content: Content | None) -> str:
+    if isinstance(content, list):
+        return "".join(part.text for part in content)
+    return content or ""
+
+
+class FunctionCallIn(_Strict):
+    name: str
+    arguments: str
+
+
+class ToolCallIn(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
+class SystemMessage(_Strict):
+    role: Literal["system", "developer"]
+    content: Content
+
+
+class UserMessage(_Strict):
+    role: Literal["user"]
+    content: Content
+
+
+class AssistantMessage(_Strict):
+    role: Literal["assistant"]
+    content: Content | None = None
+    tool_calls: list[ToolCallIn] | None = None
+
+
+class ToolMessage(_Strict):
+    role: Literal["tool"]
+    content: Content
+    tool_call_id: str
+
+
+Message = Annotated[SystemMessage | UserMessage | AssistantMessage | ToolMessage, Field(discriminator="role")]
+
+
+class FunctionSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None  # the arguments always follow the schema under a forced call; see the README
+
+
+class ToolSpec(_Strict):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class FunctionName(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class JsonSchemaSpec(_Strict):
+    name: str
+    description: str | None = None
+    json_schema: dict = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
 
 
 class ChatRequest(_Request):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    tools: list[ToolSpec] | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
 
 
 class CompletionRequest(_Request):
     prompt: str | list[str]
 
 
-def conversation_of(messages: list[Message]) -> tuple[str | None, list[tuple[str, str]], str]:
-    """(system, earlier (query, answer) pairs, last query) of an OpenAI message list."""
-    system = "\n\n".join(m.text() for m in messages if m.role in ("system", "developer")) or None
-    pairs, query = [], None
-    for message in (m for m in messages if m.role in ("user", "assistant")):
-        if message.role == "user":
-            query = message.text() if query is None else f"{query}\n\n{message.text()}"
-        elif query is None:
-            raise ApiError(400, "an assistant message must follow a user message", param="messages")
-        else:
-            pairs.append((query, message.text()))
-            query = None
-    if query is None:
-        raise ApiError(400, "the last message must be from the user", param="messages")
-    return system, pairs, query
+def conversation_of(messages: list[Message], functions: list[dict] | None = None) -> Conversation:
+    """The conversation of an OpenAI message list: system text, (query or tool results, answer or calls) turns."""
+    system = "\n\n".join(_text(m.content) for m in messages if isinstance(m, SystemMessage)) or None
+    turns: list[Turn] = []
+    current: Turn | None = None
+    for index, message in enumerate(messages):
+        where = f"messages.{index}"
+        if isinstance(message, UserMessage):
+            if current is not None and current.observations:
+                raise ApiError(400, f"{where}: a user message cannot follow tool results; the assistant answers them "
+                                    "first", param=where)
+            current = Turn(_text(message.content), "") if current is None else \
+                Turn(f"{current.query}\n\n{_text(message.content)}", "")
+        elif isinstance(message, ToolMessage):
+            if current is not None and not current.observations:
+                raise ApiError(400, f"{where}: a tool message must follow an assistant message with tool_calls",
+                               param=where)
+            if message.tool_call_id not in {call.id for call in (turns[-1].calls if turns else [])}:
+                raise ApiError(400, f"{where}.tool_call_id: {message.tool_call_id!r} answers no tool call of the "
+                                    "assistant message before it", param=f"{where}.tool_call_id")
+            if current is None:
+                current = Turn("", "", observations=[])
+            current.observations.append(_text(message.content))
+        elif isinstance(message, AssistantMessage):
+            if current is None:
+                raise ApiError(400, "an assistant message must follow a user message", param="messages")
+            current.answer = _text(message.content)
+            current.calls = [_call_in(call, f"{where}.tool_calls.{i}") for i, call in enumerate(message.tool_calls or [])]
+            turns.append(current)
+            current = None
+    if current is None:
+        raise ApiError(400, "the last message must be from the user (or a tool result)", param="messages")
+    turns.append(current)
+    return Conversation(turns, system=system, tools=functions or None)
+
+
+def _call_in(call: ToolCallIn, where: str) -> ToolCall:
+    try:
+        arguments = json.loads(call.function.arguments) if call.function.arguments.strip() else {}
+    except json.JSONDecodeError as error:
+        raise ApiError(400, f"{where}.function.arguments: not valid JSON ({error.msg})",
+                       param=f"{where}.function.arguments") from None
+    if not isinstance(arguments, dict):
+        raise ApiError(400, f"{where}.function.arguments: must be a JSON object", param=f"{where}.function.arguments")
+    return ToolCall(call.function.name, arguments, call.id)
+
+
+def _lone_surrogate(value, path: str = "") -> str | None:
+    """The path of the first string that is not valid Unicode (a lone UTF-16 surrogate such as "\\ud800")."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _lone_surrogate(item, f"{path}.{key}" if path else str(key))
+        if found:
+            return found
+    return None
+
+
+def check_unicode(body: BaseModel) -> None:
+    where = _lone_surrogate(body.model_dump(by_alias=True, exclude_none=True))
+    if where:
+        raise ApiError(400, f"{where}: contains a lone surrogate (e.g. \\ud800); text must be valid Unicode",
+                       param=where)
 
 
 # ---- generation ----
@@ -163,11 +314,110 @@ async def generate(engine: Engine, prompt: list[int], settings: GenerationSettin
         job.cancelled.set()
 
 
-def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
-    """The FastAPI app serving ``engine``; with ``api_key`` every /v1 route needs ``Authorization: Bearer KEY``."""
-    app = FastAPI(title="glmtune", docs_url=None, redoc_url=None)
+@dataclass
+class ToolPlan:
+    """What a chat request asks of tools and formats: the functions shown in the prompt, the names whose
+    calls are read back from the answer (None: read none), and the grammar that constrains decoding."""
+
+    functions: list[dict] = field(default_factory=list)
+    known: set[str] | None = None
+    processor: GrammarProcessor | None = None
+
+
+async def collect(pieces: AsyncIterator[Piece], request: Request) -> tuple[str, Piece]:
+    """The whole answer and its last piece; a client that hangs up cancels the generation."""
+    async def consume() -> tuple[str, Piece]:
+        text, last = "", Piece("")
+        async for last in pieces:
+            text += last.text
+        return text, last
+
+    task = asyncio.ensure_future(consume())
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise ApiError(499, "the client closed the connection", kind="client_closed")
+    finally:
+        if not task.done():
+            task.cancel()  # the generator's cleanup cancels the engine's job
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes is a 413, before anything parses it."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(scope, receive, send)
+        body, more = b"", True
+        while more:  # read it all here, so a chunked body without a length is counted too
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.limit:
+                return await self._refuse(scope, receive, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+    async def _refuse(self, scope, receive, send):
+        error = ApiError(413, f"the request body is over {self.limit} bytes (--max_request_bytes)",
+                         code="request_too_large")
+        await JSONResponse(error.body(), status_code=413)(scope, receive, send)
+
+
+def _param(location: tuple) -> str | None:
+    """``messages.0.content`` from pydantic's location, without the union tags it inserts."""
+    parts: list[str] = []
+    for part in location:
+        if part == "body" or (isinstance(part, str) and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", part)):
+            continue
+        if isinstance(part, str) and (part in _UNION_LABELS or (part in _ROLE_TAGS and parts and parts[-1].isdigit())):
+            continue
+        parts.append(str(part))
+    return ".".join(parts) or None
+
+
+_ROLE_TAGS = {"system", "developer", "user", "assistant", "tool"}
+_UNION_LABELS = {"str", "int", "float", "bool", "dict", "list", "literal"}
+
+
+def create_app(engine: Engine, api_key: str | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
+    """The FastAPI app serving ``engine``; with ``api_key`` every /v1 route (and /openapi.json) needs
+    ``Authorization: Bearer KEY``. Request bodies over ``max_request_bytes`` are refused with 413."""
+    app = FastAPI(title="glmtune", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(BodyLimit, limit=max_request_bytes)
     models = [engine.name] + ([engine.name + BASE_SUFFIX] if engine.tuned else [])
     created = int(time.time())
+    # One thread tokenizes (and compiles grammars) off the event loop: a megabyte prompt takes seconds, and
+    # a fast tokenizer must not be used from two threads at once ("Already borrowed").
+    tokenizing = ThreadPoolExecutor(1, thread_name_prefix="glmtune-tokenize")
+    constraints = Constraints(engine.tokenizer, text_config(engine.model).vocab_size, engine.stop_ids)
+
+    async def off_loop(function, *args):
+        try:
+            return await asyncio.get_running_loop().run_in_executor(tokenizing, function, *args)
+        except GlmtuneError as error:
+            raise ApiError(400, str(error)) from None
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, error: ApiError) -> JSONResponse:
@@ -178,8 +428,19 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         first = error.errors()[0]
         if first["type"] == "json_invalid":
             return JSONResponse(ApiError(400, "the request body is not valid JSON").body(), status_code=400)
-        param = ".".join(str(part) for part in first["loc"] if part != "body") or None
-        return JSONResponse(ApiError(400, f"{param}: {first['msg']}", param=param).body(), status_code=400)
+        param = _param(first["loc"])
+        if first["type"] == "extra_forbidden":
+            message = f"{param}: glmtune does not support this parameter"
+        elif param in UNSUPPORTED_VALUES:
+            message = f"{param}: {UNSUPPORTED_VALUES[param]}"
+        else:
+            message = f"{param}: {first['msg']}"
+        return JSONResponse(ApiError(400, message, param=param).body(), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, error: Exception) -> JSONResponse:  # a bug still answers in OpenAI's shape
+        return JSONResponse(ApiError(500, f"internal error: {type(error).__name__}: {error}", kind="server_error").body(),
+                            status_code=500)
 
     def check_key(authorization: str | None = Header(None)) -> None:
         if api_key is None:
@@ -190,6 +451,10 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
                            code="invalid_api_key", kind="authentication_error")
 
     router = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
+
+    @app.get("/openapi.json", dependencies=[Depends(check_key)], include_in_schema=False)
+    async def openapi() -> dict:
+        return app.openapi()
 
     def model_card(name: str) -> dict:
         return {"id": name, "object": "model", "created": created, "owned_by": "glmtune"}
@@ -224,46 +489,135 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
             seed=body.seed if body.seed is not None else secrets.randbits(31),
         )
 
+    def tool_plan(body: ChatRequest) -> ToolPlan:
+        """Check tools, tool_choice and response_format together, and compile the grammar they need."""
+        functions = [{"name": t.function.name, "description": t.function.description or "",
+                      "parameters": t.function.parameters or {"type": "object", "properties": {}}}
+                     for t in body.tools or []]
+        choice = body.tool_choice or ("auto" if functions else "none")
+        if choice != "none" and not functions:
+            raise ApiError(400, "tool_choice: needs tools", param="tool_choice")
+        wanted = body.response_format.type if body.response_format else "text"
+        if engine.is_chatglm and (choice != "none" or wanted != "text"):
+            param = "tools" if choice != "none" else "response_format"
+            raise ApiError(400, f"{param}: not supported with native ChatGLM models yet", param=param)
+        if wanted != "text" and choice != "none":
+            raise ApiError(400, "response_format: not supported together with tools; send one or the other",
+                           param="response_format")
+        if wanted == "json_schema" and body.response_format.json_schema is None:
+            raise ApiError(400, "response_format.json_schema: required when type is json_schema",
+                           param="response_format.json_schema")
+        if choice == "none":
+            plan = ToolPlan()
+        elif isinstance(choice, NamedToolChoice):
+            named = [f for f in functions if f["name"] == choice.function.name]
+            if not named:
+                raise ApiError(400, f"tool_choice.function.name: {choice.function.name!r} is not among the tools",
+                               param="tool_choice.function.name")
+            plan = ToolPlan(functions, {named[0]["name"]}, None)
+        else:
+            plan = ToolPlan(functions, {f["name"] for f in functions})
+        return plan
+
+    def compile_grammar(body: ChatRequest, plan: ToolPlan) -> None:
+        """Runs off the event loop: compiling for a large vocabulary takes a moment."""
+        choice = body.tool_choice or "auto"
+        wanted = body.response_format.type if body.response_format else "text"
+        param = "tools" if plan.known else "response_format"
+        try:
+            if isinstance(choice, NamedToolChoice):
+                plan.processor = constraints.one_call([f for f in plan.functions if f["name"] in plan.known])
+            elif plan.known is not None:
+                plan.processor = (constraints.one_call(plan.functions) if choice == "required" else
+                                  constraints.optional_calls(plan.functions, body.parallel_tool_calls is False))
+            elif wanted == "json_object":
+                plan.processor = constraints.json_object()
+            elif wanted == "json_schema":
+                plan.processor = constraints.json_schema(body.response_format.json_schema.json_schema)
+        except GlmtuneError:
+            raise
+        except Exception as error:  # xgrammar rejects a schema it cannot compile
+            raise GlmtuneError(f"{param}: the JSON schema cannot be used ({error})") from None
+
+    def chat_prompt_ids(conversation: Conversation) -> list[int]:
+        return build_prompts([conversation], engine.tokenizer, engine.bundle.template, max_source_length=1 << 30)[0]
+
+    def text_prompt_ids(text: str) -> list[int]:
+        ids = engine.text_prompt(text)
+        if not ids:
+            raise GlmtuneError("prompt: the prompt has no tokens")
+        return ids
+
     def usage(prompt: list[int], completion_tokens: int) -> dict:
         return {"prompt_tokens": len(prompt), "completion_tokens": completion_tokens,
                 "total_tokens": len(prompt) + completion_tokens}
 
-    async def respond(body: _Request, prompt: list[int], max_tokens: int | None, chat: bool) -> dict | StreamingResponse:
+    async def respond(body: _Request, prompt: list[int], max_tokens: int | None, request: Request,
+                      plan: ToolPlan | None = None) -> dict | StreamingResponse:
+        chat = plan is not None
+        plan = plan or ToolPlan()
         settings = settings_for(body, prompt, max_tokens)
+        if plan.processor is not None:
+            settings = dataclasses.replace(settings, logits_processor=plan.processor)
         base = body.model.endswith(BASE_SUFFIX) and engine.tuned
         pieces = generate(engine, prompt, settings, base, body.stop)
         identity = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
                     "model": body.model}
-        if not body.stream:
-            text, last = "", Piece("")
-            async for last in pieces:
-                text += last.text
-            choice = {"index": 0, "finish_reason": last.finish_reason, "logprobs": None}
-            choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
-            return {**identity, "object": "chat.completion" if chat else "text_completion", "choices": [choice],
-                    "usage": usage(prompt, last.completion_tokens)}
-        return StreamingResponse(events(identity, pieces, chat, prompt, body.include_usage()),
-                                 media_type="text/event-stream")
+        if body.stream:
+            return StreamingResponse(events(identity, pieces, chat, prompt, body.include_usage(), plan.known),
+                                     media_type="text/event-stream")
+        text, last = await collect(pieces, request)
+        reason = last.finish_reason
+        choice = {"index": 0, "logprobs": None}
+        if not chat:
+            choice["text"] = text
+        elif plan.known is not None and (parsed := parse_answer(text, plan.known))[1]:
+            content, calls = parsed
+            choice["message"] = {"role": "assistant", "content": content or None,
+                                 "tool_calls": [call.openai() for call in calls]}
+            reason = "tool_calls" if reason == "stop" else reason
+        else:
+            choice["message"] = {"role": "assistant", "content": text}
+        choice["finish_reason"] = reason
+        return {**identity, "object": "chat.completion" if chat else "text_completion", "choices": [choice],
+                "usage": usage(prompt, last.completion_tokens)}
 
-    async def events(identity: dict, pieces: AsyncIterator[Piece], chat: bool, prompt: list[int], with_usage: bool):
+    async def events(identity: dict, pieces: AsyncIterator[Piece], chat: bool, prompt: list[int], with_usage: bool,
+                     known: set[str] | None):
         kind = "chat.completion.chunk" if chat else "text_completion"
+        splitter = CallSplitter(known) if known is not None else None
+        calls = 0
 
-        def event(text: str | None, finish_reason: str | None = None, role: bool = False) -> str:
+        def event(delta_or_text: dict | str, finish_reason: str | None = None) -> str:
             if chat:
-                delta = ({"role": "assistant"} if role else {}) | ({"content": text} if text is not None else {})
-                choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+                choice = {"index": 0, "delta": delta_or_text, "finish_reason": finish_reason, "logprobs": None}
             else:
-                choice = {"index": 0, "text": text or "", "finish_reason": finish_reason, "logprobs": None}
+                choice = {"index": 0, "text": delta_or_text, "finish_reason": finish_reason, "logprobs": None}
             return _sse({**identity, "object": kind, "choices": [choice]})
 
+        def deltas(text: str, finished: bool) -> Iterator[str]:
+            nonlocal calls
+            parts = ([*splitter.feed(text), *(splitter.flush() if finished else [])] if splitter else [text])
+            for part in parts:
+                if isinstance(part, ToolCall):
+                    # As OpenAI streams a call: id and name first, then the arguments.
+                    head = {"index": calls, "id": part.id, "type": "function",
+                            "function": {"name": part.name, "arguments": ""}}
+                    yield event({"tool_calls": [head]})
+                    yield event({"tool_calls": [{"index": calls, "function": {"arguments": part.openai()["function"]["arguments"]}}]})
+                    calls += 1
+                elif part:
+                    yield event({"content": part} if chat else part)
+
         if chat:
-            yield event("", role=True)
+            yield event({"role": "assistant", "content": ""})
         try:
             async for piece in pieces:
-                if piece.text:
-                    yield event(piece.text)
+                for chunk in deltas(piece.text, bool(piece.finish_reason)):
+                    yield chunk
                 if piece.finish_reason:
-                    yield event(None, piece.finish_reason)
+                    reason = "tool_calls" if calls and piece.finish_reason == "stop" else piece.finish_reason
+                    yield event({} if chat else "", reason)
                     if with_usage:
                         yield _sse({**identity, "object": kind, "choices": [],
                                     "usage": usage(prompt, piece.completion_tokens)})
@@ -272,17 +626,23 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         yield "data: [DONE]\n\n"
 
     @router.post("/chat/completions")
-    async def chat_completions(body: ChatRequest):
-        system, history, query = conversation_of(body.messages)
-        prompt = engine.chat_prompt(history, query, system)
-        return await respond(body, prompt, body.max_completion_tokens or body.max_tokens, chat=True)
+    async def chat_completions(body: ChatRequest, request: Request):
+        check_unicode(body)
+        plan = tool_plan(body)
+        conversation = conversation_of(body.messages, plan.functions)
+        prompt = await off_loop(chat_prompt_ids, conversation)
+        await off_loop(compile_grammar, body, plan)
+        return await respond(body, prompt, body.max_completion_tokens or body.max_tokens, request, plan)
 
     @router.post("/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
+        check_unicode(body)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) != 1:
             raise ApiError(400, "send one prompt per request", param="prompt")
-        return await respond(body, engine.text_prompt(prompts[0]), body.max_tokens, chat=False)
+        if not prompts[0]:
+            raise ApiError(400, "prompt: the prompt is empty", param="prompt")
+        return await respond(body, await off_loop(text_prompt_ids, prompts[0]), body.max_tokens, request)
 
     @app.get("/health")
     async def health() -> dict:
@@ -319,10 +679,11 @@ def check_listen(host: str, port: int, api_key: str | None) -> None:
             raise GlmtuneError(f"cannot listen on {host}:{port}: {error.strerror}") from None
 
 
-def run_serve(config: GlmtuneConfig, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None) -> None:
+def run_serve(config: GlmtuneConfig, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> None:
     """Serve the OpenAI-compatible API until interrupted."""
     import uvicorn
 
     check_listen(host, port, api_key)
     engine = Engine.from_config(config)
-    uvicorn.run(create_app(engine, api_key), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(engine, api_key, max_request_bytes), host=host, port=port, log_level="info")

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 from glmtune.config import GlmtuneConfig
 from glmtune.errors import GlmtuneError
+from glmtune.serve.api import is_loopback
 from glmtune.serve.engine import MAX_BATCH, Engine
 
 # Gradio's telemetry and version check call out to the internet; the demo must work without it.
@@ -77,7 +78,26 @@ def build_demo(engine: Engine):
     )
 
 
-def run_web(config: GlmtuneConfig, host: str = "127.0.0.1", port: int = 7860) -> None:
+def parse_auth(auth: str | None) -> tuple[str, str] | None:
+    """``--auth USER:PASSWORD`` as Gradio's ``auth`` pair."""
+    if auth is None:
+        return None
+    user, colon, password = auth.partition(":")
+    if not (user and colon and password):
+        raise GlmtuneError("--auth must be USER:PASSWORD (both non-empty)")
+    return user, password
+
+
+def check_web_listen(host: str, auth: tuple[str, str] | None) -> None:
+    """Refuse an open page without a login, as serve refuses an open API without a key."""
+    if not is_loopback(host) and auth is None:
+        raise GlmtuneError(f"refusing to serve the web page on {host} without --auth (anyone who reaches it could "
+                           "use the model); set --auth USER:PASSWORD or use --host 127.0.0.1")
+
+
+def run_web(config: GlmtuneConfig, host: str = "127.0.0.1", port: int = 7860, auth: str | None = None) -> None:
     """Serve the demo until interrupted."""
+    login = parse_auth(auth)
+    check_web_listen(host, login)
     demo = build_demo(Engine.from_config(config))
-    demo.queue().launch(server_name=host, server_port=port, inbrowser=False)
+    demo.queue().launch(server_name=host, server_port=port, inbrowser=False, auth=login)
