@@ -133,6 +133,27 @@ class GlmtuneConfig:
     top_p: float = _help("Nucleus sampling threshold (seed: 0.7).", default=0.7)
     temperature: float = _help("Sampling temperature (seed: 0.95).", default=0.95)
     num_beams: int = _help("Beam search width (1 = greedy/sampling).", default=1)
+    kb: str | None = _help(
+        "chat/web/serve: answer from this knowledge base (a `glmtune kb build` folder): each user turn retrieves "
+        "passages, fills --kb_prompt, and the answer lists its sources.", default=None
+    )
+    kb_top_k: int = _help("With --kb: passages retrieved per question.", default=3)
+    kb_score_threshold: float = _help(
+        "With --kb: passages must score above this (BM25 score for the lexical retriever, cosine similarity for "
+        "dense and hybrid); with none above it the answer is 根据已知信息无法回答该问题 and the model is not called.",
+        default=0.0,
+    )
+    kb_prompt: str | None = _help(
+        "With --kb: prompt template file with {context} and {question} (default: Langchain-Chatchat's).", default=None
+    )
+    kb_retriever: Literal["auto", "lexical", "dense", "hybrid"] = _help(
+        "With --kb: auto = hybrid (BM25 + dense, reciprocal rank fusion) when the index has vectors, else lexical.",
+        default="auto",
+    )
+    embedding_model: str | None = _help(
+        "serve: sentence-transformers model (folder or hub name) behind /v1/embeddings (default: the --kb "
+        "index's own embedding model, if it has one).", default=None
+    )
 
     def __post_init__(self) -> None:
         if self.finetuning_type is None:
