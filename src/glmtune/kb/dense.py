@@ -23,7 +23,9 @@ class Embedder:
             self.model = sentence_transformers.SentenceTransformer(name_or_path)
         except Exception as error:  # a missing folder, no hub access, or not a sentence-transformers model
             raise GlmtuneError(f"cannot load the embedding model {name_or_path}: {error}") from None
-        self.dimension = self.model.get_sentence_embedding_dimension()
+        # sentence-transformers 6 renamed the method; the kb extra accepts older versions too.
+        dimension = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        self.dimension = dimension()
 
     def embed(self, texts: list[str], show_progress: bool = False) -> np.ndarray:
         if not texts:

@@ -8,6 +8,7 @@ so the official clients raise their usual exceptions.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hmac
 import ipaddress
@@ -28,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from glmtune.config import GlmtuneConfig
 from glmtune.errors import GlmtuneError
 from glmtune.eval.generation import GenerationSettings
+from glmtune.kb.qa import NO_ANSWER, KnowledgeQA, embedder_for
 from glmtune.serve.engine import Engine, Output
 
 BASE_SUFFIX = ":base"
@@ -84,6 +86,14 @@ class ChatRequest(_Request):
 
 class CompletionRequest(_Request):
     prompt: str | list[str]
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    input: str | list[str] = Field(min_length=1)
+    encoding_format: Literal["float", "base64"] = "float"
 
 
 def conversation_of(messages: list[Message]) -> tuple[str | None, list[tuple[str, str]], str]:
@@ -163,8 +173,15 @@ async def generate(engine: Engine, prompt: list[int], settings: GenerationSettin
         job.cancelled.set()
 
 
-def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
-    """The FastAPI app serving ``engine``; with ``api_key`` every /v1 route needs ``Authorization: Bearer KEY``."""
+async def _fixed(text: str) -> AsyncIterator[Piece]:
+    """An answer that needs no model (the knowledge base found nothing): one piece that ends it."""
+    yield Piece(text, "stop")
+
+
+def create_app(engine: Engine, api_key: str | None = None, knowledge: KnowledgeQA | None = None,
+               embedder=None) -> FastAPI:
+    """The FastAPI app serving ``engine``; with ``api_key`` every /v1 route needs ``Authorization: Bearer KEY``.
+    With ``knowledge`` chat answers come from it and carry ``sources``; ``embedder`` serves /v1/embeddings."""
     app = FastAPI(title="glmtune", docs_url=None, redoc_url=None)
     models = [engine.name] + ([engine.name + BASE_SUFFIX] if engine.tuned else [])
     created = int(time.time())
@@ -228,10 +245,11 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         return {"prompt_tokens": len(prompt), "completion_tokens": completion_tokens,
                 "total_tokens": len(prompt) + completion_tokens}
 
-    async def respond(body: _Request, prompt: list[int], max_tokens: int | None, chat: bool) -> dict | StreamingResponse:
+    async def respond(body: _Request, prompt: list[int], max_tokens: int | None, chat: bool,
+                      sources: list[dict] | None = None, fixed: str | None = None) -> dict | StreamingResponse:
         settings = settings_for(body, prompt, max_tokens)
         base = body.model.endswith(BASE_SUFFIX) and engine.tuned
-        pieces = generate(engine, prompt, settings, base, body.stop)
+        pieces = _fixed(fixed) if fixed is not None else generate(engine, prompt, settings, base, body.stop)
         identity = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
                     "model": body.model}
         if not body.stream:
@@ -241,11 +259,12 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
             choice = {"index": 0, "finish_reason": last.finish_reason, "logprobs": None}
             choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
             return {**identity, "object": "chat.completion" if chat else "text_completion", "choices": [choice],
-                    "usage": usage(prompt, last.completion_tokens)}
-        return StreamingResponse(events(identity, pieces, chat, prompt, body.include_usage()),
+                    "usage": usage(prompt, last.completion_tokens)} | ({"sources": sources} if sources is not None else {})
+        return StreamingResponse(events(identity, pieces, chat, prompt, body.include_usage(), sources),
                                  media_type="text/event-stream")
 
-    async def events(identity: dict, pieces: AsyncIterator[Piece], chat: bool, prompt: list[int], with_usage: bool):
+    async def events(identity: dict, pieces: AsyncIterator[Piece], chat: bool, prompt: list[int], with_usage: bool,
+                     sources: list[dict] | None = None):
         kind = "chat.completion.chunk" if chat else "text_completion"
 
         def event(text: str | None, finish_reason: str | None = None, role: bool = False) -> str:
@@ -267,6 +286,8 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
                     if with_usage:
                         yield _sse({**identity, "object": kind, "choices": [],
                                     "usage": usage(prompt, piece.completion_tokens)})
+                    if sources is not None:
+                        yield _sse({**identity, "object": kind, "choices": [], "sources": sources})
         except ApiError as error:  # the status line is already sent: report it in the stream
             yield _sse(error.body())
         yield "data: [DONE]\n\n"
@@ -274,8 +295,31 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
     @router.post("/chat/completions")
     async def chat_completions(body: ChatRequest):
         system, history, query = conversation_of(body.messages)
-        prompt = engine.chat_prompt(history, query, system)
-        return await respond(body, prompt, body.max_completion_tokens or body.max_tokens, chat=True)
+        if knowledge is None:
+            prompt = engine.chat_prompt(history, query, system)
+            return await respond(body, prompt, body.max_completion_tokens or body.max_tokens, chat=True)
+        grounding = await asyncio.to_thread(knowledge.ground, query)
+        prompt = engine.chat_prompt(history, grounding.prompt or query, system)
+        return await respond(body, prompt, body.max_completion_tokens or body.max_tokens, chat=True,
+                             sources=grounding.sources(), fixed=NO_ANSWER if grounding.prompt is None else None)
+
+    @router.post("/embeddings")
+    async def embeddings(body: EmbeddingRequest) -> dict:
+        if embedder is None:
+            raise ApiError(404, "this server has no embedding model (start it with --embedding_model or a --kb "
+                                "built with one)", code="model_not_found")
+        if body.model != embedder.name:
+            raise ApiError(400, f"unknown embedding model {body.model!r}; this server has {embedder.name}",
+                           param="model", code="model_not_found")
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        if any(not text for text in texts):
+            raise ApiError(400, "input: empty text", param="input")
+        vectors = await asyncio.to_thread(embedder.embed, texts)
+        encode = ((lambda v: base64.b64encode(v.astype("<f4").tobytes()).decode()) if body.encoding_format == "base64"
+                  else (lambda v: v.tolist()))
+        tokens = embedder.token_count(texts)
+        return {"object": "list", "model": embedder.name, "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+                "data": [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(vectors)]}
 
     @router.post("/completions")
     async def completions(body: CompletionRequest):
@@ -324,5 +368,7 @@ def run_serve(config: GlmtuneConfig, host: str = "127.0.0.1", port: int = 8000, 
     import uvicorn
 
     check_listen(host, port, api_key)
+    knowledge = KnowledgeQA.from_config(config)
+    embedder = embedder_for(config, knowledge)
     engine = Engine.from_config(config)
-    uvicorn.run(create_app(engine, api_key), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(engine, api_key, knowledge, embedder), host=host, port=port, log_level="info")
