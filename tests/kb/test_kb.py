@@ -285,3 +285,11 @@ def test_cli_build_search_eval(tmp_path):
     bad = run_glmtune("kb", "eval", out, "--questions", str(tmp_path / "bad.jsonl"))
     assert bad.returncode == 2 and "bad.jsonl:1: needs non-empty string fields q, doc and key" in bad.stderr
     assert read_questions(str(questions))[0].doc == "rivers.md"
+
+
+def test_missing_extra_names_the_install_command(monkeypatch):
+    from glmtune.kb.lexical import LexicalIndex
+
+    monkeypatch.setitem(sys.modules, "bm25s", None)  # None in sys.modules makes `import bm25s` fail
+    with pytest.raises(GlmtuneError, match=r"needs bm25s: pip install 'glmtune\[kb\]'"):
+        LexicalIndex.build([["word"]])
