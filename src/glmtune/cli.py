@@ -177,6 +177,69 @@ def known_failure(error: BaseException) -> str | None:
     return None
 
 
+kb_app = typer.Typer(help="Local knowledge base: index your documents, search them, measure retrieval (--kb for "
+                          "chat/web/serve answers from it).", no_args_is_help=True)
+app.add_typer(kb_app, name="kb")
+
+
+@kb_app.command("build")
+def kb_build(
+    paths: list[str] = typer.Argument(..., help="Files (.txt .md .rst .html .pdf .docx .jsonl) and folders of them."),
+    output: str = typer.Option(..., "--output", help="Index folder; an existing index is updated (changed files only)."),
+    embedding_model: str = typer.Option(None, "--embedding_model",
+                                        help="sentence-transformers folder or hub name: adds dense (FAISS) retrieval."),
+    chunk_size: int = typer.Option(None, "--chunk_size", help="Characters per chunk (default 750, Chatchat's)."),
+    chunk_overlap: int = typer.Option(None, "--chunk_overlap", help="Characters neighbours share (default 150)."),
+) -> None:
+    """Index documents into OUTPUT. Unreadable files get one error line each; the others are indexed."""
+    from glmtune.kb.index import build
+
+    report = build(paths, output, chunk_size, chunk_overlap, embedding_model)
+    for error in report.errors:
+        typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+    typer.echo(report.summary())
+    if report.errors:
+        raise typer.Exit(1)
+
+
+@kb_app.command("search")
+def kb_search(
+    folder: str = typer.Argument(..., help="Index folder from glmtune kb build."),
+    question: str = typer.Argument(...),
+    top_k: int = typer.Option(3, "--top_k", help="Passages to return."),
+    retriever: str = typer.Option("auto", "--retriever", help="auto, lexical (BM25), dense or hybrid."),
+    as_json: bool = typer.Option(False, "--json", help='Print a JSON list of {"source", "position", "text", "score"}.'),
+) -> None:
+    """Print the passages that best match QUESTION, with source, position and score."""
+    import json
+
+    from glmtune.kb.index import KnowledgeBase
+
+    passages = KnowledgeBase.load(folder).search(question, top_k, retriever)
+    if as_json:
+        typer.echo(json.dumps([p.to_json() for p in passages], ensure_ascii=False, indent=1))
+        return
+    for rank, passage in enumerate(passages, 1):
+        typer.echo(f"[{rank}] {passage.chunk.source} ({passage.chunk.position()}) score {passage.score:.4f}\n"
+                   f"{passage.chunk.text}\n")
+    if not passages:
+        typer.echo("no passage shares a word with the question")
+
+
+@kb_app.command("eval")
+def kb_eval(
+    folder: str = typer.Argument(..., help="Index folder from glmtune kb build."),
+    questions: str = typer.Option(..., "--questions", help='JSON lines {"q", "doc", "key"}: key is text of the answer passage.'),
+    top_k: int = typer.Option(3, "--top_k", help="k of hit@k."),
+    retriever: str = typer.Option("auto", "--retriever", help="auto, lexical (BM25), dense or hybrid."),
+) -> None:
+    """hit@k: how often a passage from doc containing key is among the top k for q."""
+    from glmtune.kb.evaluate import evaluate, read_questions
+    from glmtune.kb.index import KnowledgeBase
+
+    typer.echo(evaluate(KnowledgeBase.load(folder), read_questions(questions), top_k, retriever).summary())
+
+
 def main_entry() -> None:
     # peft calls a transformers 5.x method that transformers itself deprecated; nothing for users to act on.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)

@@ -234,6 +234,27 @@ class GenerationConfig:
     )
     top_k: int = _help("Sample only from the k most likely tokens (0 = off; with --do_sample).", default=0)
     no_repeat_ngram_size: int = _help("Never repeat an n-gram of this size from the prompt or answer (0 = off).", default=0)
+    kb: str | None = _help(
+        "chat/web/serve: answer from this knowledge base (a `glmtune kb build` folder): each user turn retrieves "
+        "passages, fills --kb_prompt, and the answer lists its sources.", default=None
+    )
+    kb_top_k: int = _help("With --kb: passages retrieved per question.", default=3)
+    kb_score_threshold: float = _help(
+        "With --kb: passages must score above this (BM25 score for the lexical retriever, cosine similarity for "
+        "dense and hybrid); with none above it the answer is 根据已知信息无法回答该问题 and the model is not called.",
+        default=0.0,
+    )
+    kb_prompt: str | None = _help(
+        "With --kb: prompt template file with {context} and {question} (default: Langchain-Chatchat's).", default=None
+    )
+    kb_retriever: Literal["auto", "lexical", "dense", "hybrid"] = _help(
+        "With --kb: auto = hybrid (BM25 + dense, reciprocal rank fusion) when the index has vectors, else lexical.",
+        default="auto",
+    )
+    embedding_model: str | None = _help(
+        "serve: sentence-transformers model (folder or hub name) behind /v1/embeddings (default: the --kb "
+        "index's own embedding model, if it has one).", default=None
+    )
 
 
 # The sections in the order --help shows them; a command parses the sections it needs.

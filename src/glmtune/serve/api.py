@@ -9,6 +9,7 @@ usual exceptions; every parameter glmtune does not implement is such a 400, nami
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import hmac
@@ -37,6 +38,7 @@ from glmtune.errors import GlmtuneError
 from glmtune.eval.generation import GenerationSettings
 from glmtune.models.introspect import text_config
 from glmtune.serve.constraints import Constraints, GrammarProcessor
+from glmtune.kb.qa import NO_ANSWER, KnowledgeQA, embedder_for
 from glmtune.serve.engine import Engine, Output
 
 BASE_SUFFIX = ":base"
@@ -254,6 +256,13 @@ def check_unicode(body: BaseModel) -> None:
                        param=where)
 
 
+class EmbeddingRequest(_Strict):
+
+    model: str
+    input: str | list[str] = Field(min_length=1)
+    encoding_format: Literal["float", "base64"] = "float"
+
+
 # ---- generation ----
 
 @dataclass
@@ -401,9 +410,16 @@ _ROLE_TAGS = {"system", "developer", "user", "assistant", "tool"}
 _UNION_LABELS = {"str", "int", "float", "bool", "dict", "list", "literal"}
 
 
-def create_app(engine: Engine, api_key: str | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
+async def _fixed(text: str) -> AsyncIterator[Piece]:
+    """An answer that needs no model (the knowledge base found nothing): one piece that ends it."""
+    yield Piece(text, "stop")
+
+
+def create_app(engine: Engine, api_key: str | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+               knowledge: KnowledgeQA | None = None, embedder=None) -> FastAPI:
     """The FastAPI app serving ``engine``; with ``api_key`` every /v1 route (and /openapi.json) needs
-    ``Authorization: Bearer KEY``. Request bodies over ``max_request_bytes`` are refused with 413."""
+    ``Authorization: Bearer KEY``. Request bodies over ``max_request_bytes`` are refused with 413.
+    With ``knowledge`` chat answers come from it and carry ``sources``; ``embedder`` serves /v1/embeddings."""
     app = FastAPI(title="glmtune", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(BodyLimit, limit=max_request_bytes)
     models = [engine.name] + ([engine.name + BASE_SUFFIX] if engine.tuned else [])
@@ -553,18 +569,19 @@ def create_app(engine: Engine, api_key: str | None = None, max_request_bytes: in
                 "total_tokens": len(prompt) + completion_tokens}
 
     async def respond(body: _Request, prompt: list[int], max_tokens: int | None, request: Request,
-                      plan: ToolPlan | None = None) -> dict | StreamingResponse:
+                      plan: ToolPlan | None = None, sources: list[dict] | None = None,
+                      fixed: str | None = None) -> dict | StreamingResponse:
         chat = plan is not None
         plan = plan or ToolPlan()
         settings = settings_for(body, prompt, max_tokens)
         if plan.processor is not None:
             settings = dataclasses.replace(settings, logits_processor=plan.processor)
         base = body.model.endswith(BASE_SUFFIX) and engine.tuned
-        pieces = generate(engine, prompt, settings, base, body.stop)
+        pieces = _fixed(fixed) if fixed is not None else generate(engine, prompt, settings, base, body.stop)
         identity = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
                     "model": body.model}
         if body.stream:
-            return StreamingResponse(events(identity, pieces, chat, prompt, body.include_usage(), plan.known),
+            return StreamingResponse(events(identity, pieces, chat, prompt, body.include_usage(), plan.known, sources),
                                      media_type="text/event-stream")
         text, last = await collect(pieces, request)
         reason = last.finish_reason
@@ -580,10 +597,10 @@ def create_app(engine: Engine, api_key: str | None = None, max_request_bytes: in
             choice["message"] = {"role": "assistant", "content": text}
         choice["finish_reason"] = reason
         return {**identity, "object": "chat.completion" if chat else "text_completion", "choices": [choice],
-                "usage": usage(prompt, last.completion_tokens)}
+                "usage": usage(prompt, last.completion_tokens)} | ({"sources": sources} if sources is not None else {})
 
     async def events(identity: dict, pieces: AsyncIterator[Piece], chat: bool, prompt: list[int], with_usage: bool,
-                     known: set[str] | None):
+                     known: set[str] | None, sources: list[dict] | None = None):
         kind = "chat.completion.chunk" if chat else "text_completion"
         splitter = CallSplitter(known) if known is not None else None
         calls = 0
@@ -621,6 +638,8 @@ def create_app(engine: Engine, api_key: str | None = None, max_request_bytes: in
                     if with_usage:
                         yield _sse({**identity, "object": kind, "choices": [],
                                     "usage": usage(prompt, piece.completion_tokens)})
+                    if sources is not None:
+                        yield _sse({**identity, "object": kind, "choices": [], "sources": sources})
         except ApiError as error:  # the status line is already sent: report it in the stream
             yield _sse(error.body())
         yield "data: [DONE]\n\n"
@@ -630,9 +649,34 @@ def create_app(engine: Engine, api_key: str | None = None, max_request_bytes: in
         check_unicode(body)
         plan = tool_plan(body)
         conversation = conversation_of(body.messages, plan.functions)
+        grounding = None
+        if knowledge is not None and conversation.turns[-1].query:  # a turn of tool results asks nothing new
+            grounding = await asyncio.to_thread(knowledge.ground, conversation.turns[-1].query)
+            if grounding.prompt is not None:
+                conversation.turns[-1] = dataclasses.replace(conversation.turns[-1], query=grounding.prompt)
         prompt = await off_loop(chat_prompt_ids, conversation)
         await off_loop(compile_grammar, body, plan)
-        return await respond(body, prompt, body.max_completion_tokens or body.max_tokens, request, plan)
+        return await respond(body, prompt, body.max_completion_tokens or body.max_tokens, request, plan,
+                             sources=grounding.sources() if grounding else None,
+                             fixed=NO_ANSWER if grounding is not None and grounding.prompt is None else None)
+
+    @router.post("/embeddings")
+    async def embeddings(body: EmbeddingRequest) -> dict:
+        if embedder is None:
+            raise ApiError(404, "this server has no embedding model (start it with --embedding_model or a --kb "
+                                "built with one)", code="model_not_found")
+        if body.model != embedder.name:
+            raise ApiError(400, f"unknown embedding model {body.model!r}; this server has {embedder.name}",
+                           param="model", code="model_not_found")
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        if any(not text for text in texts):
+            raise ApiError(400, "input: empty text", param="input")
+        vectors = await asyncio.to_thread(embedder.embed, texts)
+        encode = ((lambda v: base64.b64encode(v.astype("<f4").tobytes()).decode()) if body.encoding_format == "base64"
+                  else (lambda v: v.tolist()))
+        tokens = embedder.token_count(texts)
+        return {"object": "list", "model": embedder.name, "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+                "data": [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(vectors)]}
 
     @router.post("/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -685,5 +729,8 @@ def run_serve(config: GlmtuneConfig, host: str = "127.0.0.1", port: int = 8000, 
     import uvicorn
 
     check_listen(host, port, api_key)
+    knowledge = KnowledgeQA.from_config(config)
+    embedder = embedder_for(config, knowledge)
     engine = Engine.from_config(config)
-    uvicorn.run(create_app(engine, api_key, max_request_bytes), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(engine, api_key, max_request_bytes, knowledge, embedder), host=host, port=port,
+                log_level="info")

@@ -7,6 +7,7 @@ import sys
 from glmtune.config import GlmtuneConfig
 from glmtune.errors import GlmtuneError
 from glmtune.eval.generation import GenerationSettings
+from glmtune.kb.qa import NO_ANSWER, KnowledgeQA
 from glmtune.serve.engine import Engine
 
 BANNER = "glmtune chat with {name}: type a message. 'clear' resets the history, 'exit' quits, Ctrl-C stops an answer."
@@ -18,14 +19,15 @@ def run_chat(config: GlmtuneConfig) -> None:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
+    knowledge = KnowledgeQA.from_config(config)
     engine = Engine.from_config(config)
     try:
-        _converse(engine)
+        _converse(engine, knowledge)
     finally:
         engine.close()
 
 
-def _converse(engine: Engine) -> None:
+def _converse(engine: Engine, knowledge: KnowledgeQA | None = None) -> None:
     settings = engine.default_settings()
     print(BANNER.format(name=engine.name), flush=True)
     history: list[tuple[str, str]] = []
@@ -46,8 +48,13 @@ def _converse(engine: Engine) -> None:
             continue
         if not query:
             continue
+        grounding = knowledge.ground(query) if knowledge else None
+        if grounding and grounding.prompt is None:
+            print(f"Model: {NO_ANSWER}\n{grounding.sources_text()}")
+            continue
         try:
-            prompt, dropped = engine.fitting_chat_prompt(history, query, settings.max_new_tokens)
+            prompt, dropped = engine.fitting_chat_prompt(history, grounding.prompt if grounding else query,
+                                                         settings.max_new_tokens)
         except GlmtuneError as error:
             print(f"error: {error}")
             continue
@@ -55,6 +62,8 @@ def _converse(engine: Engine) -> None:
             print(f"(the oldest {dropped} turn(s) no longer fit the model's context and are forgotten)")
             del history[:dropped]
         answer = _answer(engine, prompt, settings)
+        if grounding:
+            print(grounding.sources_text())
         if answer:  # an answer stopped before its first word leaves nothing to remember
             history.append((query, answer))
 

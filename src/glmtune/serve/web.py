@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 from glmtune.config import GlmtuneConfig
 from glmtune.errors import GlmtuneError
+from glmtune.kb.qa import NO_ANSWER, KnowledgeQA
 from glmtune.serve.api import is_loopback
 from glmtune.serve.engine import MAX_BATCH, Engine
 
@@ -39,14 +40,27 @@ def history_pairs(history: list[dict]) -> list[tuple[str, str]]:
     return pairs
 
 
-def build_demo(engine: Engine):
-    """The Gradio app; ``run_web`` launches it."""
+def build_demo(engine: Engine, knowledge: KnowledgeQA | None = None):
+    """The Gradio app; ``run_web`` launches it. With ``knowledge`` the sources follow each answer as a second
+    message, which ``history_pairs`` leaves out of the next prompt."""
     import gradio as gr
 
     defaults = engine.default_settings()
 
     def respond(message: str, history: list[dict], temperature: float, top_p: float, max_new_tokens: float,
-                version: str) -> Iterator[str]:
+                version: str) -> Iterator[str | list[dict]]:
+        if knowledge is None:
+            yield from answer(message, history, temperature, top_p, max_new_tokens, version)
+            return
+        grounding = knowledge.ground(message)
+        text = NO_ANSWER if grounding.prompt is None else ""
+        if grounding.prompt is not None:
+            for text in answer(grounding.prompt, history, temperature, top_p, max_new_tokens, version):
+                yield text
+        yield [{"role": "assistant", "content": text}, {"role": "assistant", "content": grounding.sources_text()}]
+
+    def answer(message: str, history: list[dict], temperature: float, top_p: float, max_new_tokens: float,
+               version: str) -> Iterator[str]:
         settings = engine.default_settings(max_new_tokens=int(max_new_tokens), do_sample=temperature > 0,
                                            temperature=temperature or None, top_p=top_p)
         try:
@@ -99,5 +113,6 @@ def run_web(config: GlmtuneConfig, host: str = "127.0.0.1", port: int = 7860, au
     """Serve the demo until interrupted."""
     login = parse_auth(auth)
     check_web_listen(host, login)
-    demo = build_demo(Engine.from_config(config))
+    knowledge = KnowledgeQA.from_config(config)
+    demo = build_demo(Engine.from_config(config), knowledge)
     demo.queue().launch(server_name=host, server_port=port, inbrowser=False, auth=login)
