@@ -118,7 +118,7 @@ def test_new_tokenizer_must_extend_the_models(tiny_llama, tmp_path):
 
 def spawn_chat(*flags: str) -> pexpect.spawn:
     env = {**os.environ, "TERM": "dumb", "LANG": "C.UTF-8", "PYTHONIOENCODING": "utf-8"}
-    return pexpect.spawn(sys.executable, ["-m", "glmtune", "chat", *flags], env=env, encoding="utf-8", timeout=90,
+    return pexpect.spawn(sys.executable, ["-m", "glmtune", "chat", *flags], env=env, encoding="utf-8", timeout=300,
                          dimensions=(40, 300))
 
 
