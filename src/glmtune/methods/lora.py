@@ -60,7 +60,9 @@ class LoraMethod(Method):
         return model
 
     def save(self, model: PeftModel, directory: Path) -> None:
-        model.save_pretrained(str(directory))
+        # Not the whole resized embedding matrices after a vocabulary extension: loading rebuilds their new
+        # rows from the base (glmtune.models.vocab), and --additional_target's trained copies are saved anyway.
+        model.save_pretrained(str(directory), save_embedding_layers=False)
 
     def restore(self, model: PeftModel, directory: Path) -> None:
         state = load_file(str(Path(directory) / "adapter_model.safetensors"))
