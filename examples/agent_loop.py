@@ -2,7 +2,8 @@
 send the result back, and the model answers with it.
 
     glmtune serve --adapter_name_or_path output/tools &      # a model tuned on examples/data/tool_calls.jsonl
-    python examples/agent_loop.py "What is the weather in Paris?"
+    python examples/agent_loop.py "What is the weather in Paris?"            # tool_choice auto
+    python examples/agent_loop.py "What is the weather in Paris?" required   # the first answer must be a call
 """
 
 from __future__ import annotations
@@ -29,12 +30,16 @@ def run_tool(name: str, arguments: dict) -> dict:
     return {"error": f"no tool {name}"}
 
 
-def agent(question: str, base_url: str = "http://127.0.0.1:8000/v1", max_rounds: int = 4) -> str:
-    client = openai.OpenAI(base_url=base_url, api_key="unused")
+def agent(question: str, base_url: str = "http://127.0.0.1:8000/v1", max_rounds: int = 4,
+          first_choice: str = "auto") -> str:
+    """``first_choice="required"`` forces the first answer to be a call (for a model not tuned on tool calls)."""
+    client = openai.OpenAI(base_url=base_url, api_key="unused", timeout=600)
     model = client.models.list().data[0].id
     messages = [{"role": "user", "content": question}]
-    for _ in range(max_rounds):
-        reply = client.chat.completions.create(model=model, messages=messages, tools=TOOLS, max_tokens=96)
+    for round_index in range(max_rounds):
+        choice = first_choice if round_index == 0 else "auto"
+        reply = client.chat.completions.create(model=model, messages=messages, tools=TOOLS, tool_choice=choice,
+                                               max_tokens=64)
         message = reply.choices[0].message
         print(f"[{reply.choices[0].finish_reason}] content={message.content!r} tool_calls="
               f"{[(c.function.name, c.function.arguments) for c in message.tool_calls or []]}")
@@ -51,4 +56,5 @@ def agent(question: str, base_url: str = "http://127.0.0.1:8000/v1", max_rounds:
 
 
 if __name__ == "__main__":
-    print("final answer:", agent(sys.argv[1] if len(sys.argv) > 1 else "What is the weather in Paris?"))
+    question = sys.argv[1] if len(sys.argv) > 1 else "What is the weather in Paris?"
+    print("final answer:", agent(question, first_choice=sys.argv[2] if len(sys.argv) > 2 else "auto"))
