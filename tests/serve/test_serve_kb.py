@@ -167,7 +167,7 @@ def test_chat_prints_sources_and_refuses(tiny_llama, lora_run, lora_engine, know
     child = pexpect.spawn(sys.executable, ["-m", "glmtune", "chat", "--model_name_or_path", str(tiny_llama),
                                            "--adapter_name_or_path", str(lora_run), "--max_new_tokens", "12",
                                            "--kb", str(kb_folder), "--kb_top_k", "2"],
-                          env=env, encoding="utf-8", timeout=90, dimensions=(40, 300))
+                          env=env, encoding="utf-8", timeout=300, dimensions=(40, 300))  # a bound on waiting
     child.expect_exact("You: ")
     child.sendline(QUESTION)
     child.expect_exact("Model: ")
