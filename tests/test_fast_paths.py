@@ -126,7 +126,7 @@ def test_label_loss_applies_gemmas_final_logit_softcapping(tiny_gemma):
     uncapped, _ = loss_and_gradients(model, batch, label_only=False)
     model.config.final_logit_softcapping = 0.1  # strong enough to change the loss of a tiny random model
     capped, _ = loss_and_gradients(model, batch, label_only=False)
-    assert abs(capped - uncapped) > 1e-2
+    assert abs(capped - uncapped) > 1e-3  # far above float noise: the cap reached the loss
     assert_label_loss_matches(model, batch, chunk_rows=3)
 
 

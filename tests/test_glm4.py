@@ -57,7 +57,7 @@ def test_glm4_chat_template_is_used_and_answers_end_with_eos(glm_model):
 @pytest.mark.parametrize("method", ["lora", "ptuning", "freeze", "full"])
 def test_every_method_trains_a_glm4_model(glm_model, tmp_path, method):
     result = run_train(glm_config(glm_model, tmp_path / method, method))
-    assert result.losses[-1] < result.losses[0] - 0.05, result.losses
+    assert result.losses[-1] < result.losses[0] - 0.03, result.losses
     bundle = load_for_inference(GlmtuneConfig(model_name_or_path=str(tmp_path / method)))
     assert type(bundle.model).__name__ in {"GlmForCausalLM", "Glm4ForCausalLM", "PeftModelForCausalLM", "PrefixTuningModel"}
 

@@ -202,11 +202,6 @@ def test_missing_tracker_names_the_extra(monkeypatch):
         trackers.tracker_names("neptune")
 
 
-def test_stage_other_than_sft_is_refused_for_now(tmp_path):
-    with pytest.raises(GlmtuneError, match="stage: dpo is not supported yet"):
-        run_train(parse_config(["--dataset", "qa", "--stage", "dpo", "--output_dir", str(tmp_path / "o")]))
-
-
 def test_llamafactory_run_records_loss_in_wandb_mlflow_and_plot(tiny_llama, tmp_path, monkeypatch):
     """An LLaMA-Factory style YAML + dataset_info.json folder trains: PEFT adapter, training_loss.png, the loss in
     W&B (offline) and MLflow (a local file: store), HF-schema trainer_state.json; resume still works."""

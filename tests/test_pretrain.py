@@ -112,6 +112,7 @@ def test_new_tokenizer_must_extend_the_models(tiny_llama, tmp_path):
     from tiny_models import build_tokenizer
 
     build_tokenizer(["完全不同"]).save_pretrained(tmp_path / "other")
+    (tmp_path / "x.txt").write_text("一段文字\n", encoding="utf-8")
     with pytest.raises(GlmtuneError, match="does not extend the model's tokenizer"):
         run_train(pt_config(tiny_llama, tmp_path / "x.txt", tmp_path / "out", new_tokenizer=str(tmp_path / "other")))
 

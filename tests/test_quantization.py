@@ -211,7 +211,7 @@ def train_config(model: Path, data: Path, output: Path, method: str, bits: int |
         model_name_or_path=str(model), train_file=str(data), output_dir=str(output), finetuning_type=method,
         quantization_bit=bits, pre_seq_len=4 if method == "ptuning" else None, max_steps=6, save_steps=3,
         logging_steps=1, learning_rate=3e-2, per_device_train_batch_size=4, max_source_length=16,
-        max_target_length=16, max_train_samples=8, report_to="none", torch_dtype="float32", **extra,
+        max_target_length=16, max_train_samples=8, report_to="none", torch_dtype="float32", lora_target="auto", **extra,
     )
 
 

@@ -80,7 +80,6 @@ BAD_FLAGS = [
     ("--warmup_steps -3", "--warmup_steps must be >= 0"),
     ("--top_p 1.5", r"--top_p must be in \(0, 1\]"),
     ("--num_beams 0", "--num_beams must be >= 1"),
-    ("--report_to wandb", "--report_to must be one of tensorboard, none"),
 ]
 
 
@@ -329,7 +328,7 @@ def test_latest_with_changed_data_is_an_error(tiny_llama, data, tmp_path, run_wi
 
 
 def test_different_lora_rank_on_resume_is_one_line(tiny_llama, data, tmp_path, run_with_checkpoints):
-    with pytest.raises(GlmtuneError, match=r"trained other tensors than this run \(--lora_rank 8 -> 4\): .*\[8, 64\] there, \[4, 64\] here"):
+    with pytest.raises(GlmtuneError, match=r"trained other tensors than this run \(--lora_rank 8 -> 4\): .*\[8, \d+\] there, \[4, \d+\] here"):
         run_train(config(tiny_llama, data, tmp_path / "b", max_steps=6, lora_rank=4,
                          resume_from_checkpoint=str(run_with_checkpoints / "checkpoint-2")))
 

@@ -120,8 +120,10 @@ def examples_hash(examples) -> str:
     """A digest of the tokenized training data (file contents, template, truncation and tokenizer all show in it)."""
     digest = hashlib.sha256()
     for example in examples:
-        digest.update(np.asarray(example.input_ids, dtype=np.int64).tobytes())
-        digest.update(np.asarray(example.labels, dtype=np.int64).tobytes())
+        # A preference example holds two token sequences (data/preference.py), the others one.
+        for part in (example.chosen, example.rejected) if hasattr(example, "chosen") else (example,):
+            digest.update(np.asarray(part.input_ids, dtype=np.int64).tobytes())
+            digest.update(np.asarray(part.labels, dtype=np.int64).tobytes())
         digest.update(b"|")
     return digest.hexdigest()[:16]
 
@@ -227,7 +229,7 @@ def resolve_resume(output_dir: Path, resume: str, current: dict, config: dict, s
     else:
         _check_fingerprint(checkpoint, saved, current, config, explicit=resume != "latest")
     if state["global_step"] > steps:
-        raise GlmtuneError(f"{checkpoint} is at step {state['step']}, past this run's {steps} steps "
+        raise GlmtuneError(f"{checkpoint} is at step {state['global_step']}, past this run's {steps} steps "
                            "(raise --max_steps or resume an earlier checkpoint)")
     record = read_run_record(checkpoint) or {}
     changed = changed_settings(record.get("config", {}), config)
