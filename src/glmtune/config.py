@@ -404,7 +404,8 @@ def _check_keys(values: dict, where: str) -> dict:
         raise GlmtuneError(f"{where}: unknown keys {', '.join(sorted(unknown))}")
     # A YAML list (report_to: [wandb, mlflow], dataset: [a, b]) is the comma-separated value of a text flag; a list
     # for any other flag stays a list, so the range check names it (lora_rank: [8]).
-    text_fields = {f.name for f in dataclasses.fields(GlmtuneConfig) if str(f.type).startswith("str")}
+    text_fields = {f.name for f in dataclasses.fields(GlmtuneConfig)
+                   if getattr(f.type, "__name__", str(f.type)).startswith("str")}
     return {k: ",".join(map(str, v)) if isinstance(v, list) and k in text_fields else v for k, v in values.items()}
 
 
