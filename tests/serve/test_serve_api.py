@@ -1,34 +1,22 @@
 """`glmtune serve`: the OpenAI-compatible API, driven with the official openai client."""
 
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from glmtune.errors import GlmtuneError
 from glmtune.serve.api import StopScanner, check_listen, create_app
-from serve_helpers import QUERY, answer, free_port
+from serve_helpers import QUERY, answer, free_port, running_server
 
 KEY = "test-key"
 
 
 @pytest.fixture(scope="module")
 def server(lora_engine):
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(lora_engine, api_key=KEY), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        assert thread.is_alive(), "the server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}/v1"
-    server.should_exit = True
-    thread.join(timeout=30)
+    with running_server(create_app(lora_engine, api_key=KEY)) as url:
+        yield url
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 import os
 import sys
-import threading
 import time
 
 import httpx
@@ -10,7 +9,6 @@ import numpy as np
 import openai
 import pexpect
 import pytest
-import uvicorn
 
 from glmtune.kb.dense import load_embedder
 from glmtune.kb.index import KnowledgeBase, build
@@ -18,7 +16,7 @@ from glmtune.kb.qa import NO_ANSWER, KnowledgeQA
 from glmtune.serve.api import create_app
 from glmtune.serve.web import build_demo
 from kb_documents import CHINESE, minilm_folder, write_documents
-from serve_helpers import answer, free_port
+from serve_helpers import answer, free_port, running_server
 from test_serve_web import CHROMIUM, CHROMIUM_ARGS, bot_texts, unspaced
 
 QUESTION = "大熊猫吃什么？"
@@ -52,17 +50,8 @@ def kb_answer(engine, knowledge, question: str) -> str:
 
 @pytest.fixture(scope="module")
 def kb_server(lora_engine, knowledge, embedder):
-    port = free_port()
-    app = create_app(lora_engine, knowledge=knowledge, embedder=embedder)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        assert thread.is_alive(), "the server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}/v1"
-    server.should_exit = True
-    thread.join(timeout=30)
+    with running_server(create_app(lora_engine, knowledge=knowledge, embedder=embedder)) as url:
+        yield url
 
 
 @pytest.fixture
