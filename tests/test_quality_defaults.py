@@ -40,10 +40,11 @@ def test_length_flags_parse_auto_or_a_number():
 
 
 def test_learning_rate_and_prefix_length_default_per_method():
-    assert GlmtuneConfig().learning_rate == 5e-4
-    assert GlmtuneConfig(finetuning_type="ptuning").learning_rate == 1e-2
+    assert GlmtuneConfig().learning_rate == 2e-3
+    assert GlmtuneConfig(finetuning_type="ptuning").learning_rate == 5e-2
     assert GlmtuneConfig(finetuning_type="ptuning").pre_seq_len == 128
-    assert GlmtuneConfig(finetuning_type="full").learning_rate == 2e-4
+    assert GlmtuneConfig(finetuning_type="full").learning_rate == 5e-5
+    assert GlmtuneConfig(finetuning_type="freeze").learning_rate == 2e-4
     # The seed's flags keep their meaning.
     seed = parse_config(["--pre_seq_len", "8", "--learning_rate", "2e-2", "--max_source_length", "64"])
     assert (seed.finetuning_type, seed.pre_seq_len, seed.learning_rate, seed.max_source_length) == ("ptuning", 8, 2e-2, 64)
@@ -122,3 +123,13 @@ def test_estimate_memory_asks_for_lengths_instead_of_guessing_auto():
 
     with pytest.raises(GlmtuneError, match="estimate-memory needs --max_source_length N and --max_target_length N"):
         estimate_for(GlmtuneConfig(max_source_length=64))
+
+
+def test_predict_bans_repeated_4grams_by_default_and_chat_does_not():
+    from glmtune.recipes.predict import generation_settings
+
+    assert generation_settings(GlmtuneConfig(max_target_length=8)).no_repeat_ngram_size == 4
+    assert generation_settings(GlmtuneConfig(max_target_length=8, no_repeat_ngram_size=0)).no_repeat_ngram_size == 0
+    assert parse_config(["--no_repeat_ngram_size", "3"]).no_repeat_ngram_size == 3
+    with pytest.raises(GlmtuneError, match="--no_repeat_ngram_size must be >= 0"):
+        GlmtuneConfig(no_repeat_ngram_size=-1)

@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
 from glmtune.eval.generation import GenerationSettings, generate_texts
 from glmtune.eval.metrics import compute_metrics
-from glmtune.models.loading import default_model_folder
+from glmtune.models.loading import default_device, default_model_folder
 
 PROMPT = "{content}\n广告文案："
 
@@ -38,15 +38,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--dev_limit", type=int, default=None, help="score only the first N dev records (smoke tests)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(42)
-    random.seed(42)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
 
     folder = default_model_folder()
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype))
+    device = default_device()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype)).to(device)
     model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.05,
                                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     for parameter in model.parameters():
@@ -78,7 +81,7 @@ def main() -> None:
             input_ids[row, : len(ids)] = torch.tensor(ids)
             labels[row, : len(ids)] = torch.tensor(labs)
             mask[row, : len(ids)] = 1
-        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        loss = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
@@ -89,7 +92,7 @@ def main() -> None:
             print(json.dumps(log[-1]), flush=True)
     (out / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
 
-    dev = read(Path(args.data) / "dev.json")
+    dev = read(Path(args.data) / "dev.json")[: args.dev_limit]
     prompts = [tokenizer(PROMPT.format(content=r["content"]))["input_ids"] for r in dev]
     predictions, seconds = generate_texts(model, tokenizer, prompts, GenerationSettings(max_new_tokens=96), 16)
     labels_text = [r["summary"] for r in dev]

@@ -158,7 +158,8 @@ class TrainingConfig:
     )
     gradient_accumulation_steps: int = _help("Micro-batches per optimizer step.", default=1)
     learning_rate: float | None = _help(
-        "Peak learning rate (default: 5e-4 for lora, 1e-2 for ptuning, 2e-4 for freeze and full).", default=None
+        "Peak learning rate (default: 2e-3 for lora, 5e-2 for ptuning, 2e-4 for freeze, 5e-5 for full; measured on "
+        "ADGEN dev, benchmarks/QUALITY.md).", default=None
     )
     weight_decay: float = _help("AdamW weight decay.", default=0.0)
     lr_scheduler_type: str = _help("transformers scheduler name.", default="linear")
@@ -233,7 +234,10 @@ class GenerationConfig:
         "Divide the scores of tokens already in the prompt or answer by this (>1 discourages loops; 1 = off).", default=1.0
     )
     top_k: int = _help("Sample only from the k most likely tokens (0 = off; with --do_sample).", default=0)
-    no_repeat_ngram_size: int = _help("Never repeat an n-gram of this size from the prompt or answer (0 = off).", default=0)
+    no_repeat_ngram_size: int | None = _help(
+        "Never repeat an n-gram of this size from the prompt or answer (0 = off; default: 4 for predict/compare, "
+        "which measured better on ADGEN dev, off for chat/web/serve, where code and JSON repeat n-grams).", default=None
+    )
     kb: str | None = _help(
         "chat/web/serve: answer from this knowledge base (a `glmtune kb build` folder): each user turn retrieves "
         "passages, fills --kb_prompt, and the answer lists its sources.", default=None
@@ -289,7 +293,7 @@ class GlmtuneConfig(GenerationConfig, TrainingConfig, MethodConfig, DataConfig, 
 # lora: measured on ADGEN with the bundled Gemma 3 270M, 150 steps x batch 8 (benchmarks/QUALITY.md). ptuning:
 # the seed's order of magnitude (its train.sh: 2e-2, PRE_SEQ_LEN=128), since 2e-4 left the prefix untrained on
 # held-out ADGEN (R-1 4.38); its 150-step run did not finish on the shared CPU. freeze and full: unchanged, unmeasured.
-DEFAULT_LEARNING_RATES = {"lora": 5e-4, "ptuning": 1e-2, "freeze": 2e-4, "full": 2e-4}
+DEFAULT_LEARNING_RATES = {"lora": 2e-3, "ptuning": 5e-2, "freeze": 2e-4, "full": 5e-5}
 DEFAULT_PRE_SEQ_LEN = 128
 AUTO = "auto"
 
@@ -463,6 +467,9 @@ RANGES: dict[str, tuple[Callable[[object], bool], str]] = {
     "top_p": ((lambda v: 0 < v <= 1), "in (0, 1]"),
     "temperature": _positive(),
     "num_beams": _at_least(1),
+    "repetition_penalty": _positive(),
+    "top_k": _at_least(0),
+    "no_repeat_ngram_size": ((lambda v: v is None or v >= 0), ">= 0 (0 = off)"),
 }
 
 CHOICES: dict[str, Callable[[], list[str]]] = {

@@ -118,6 +118,7 @@ def _beam_search(model, input_ids, attention_mask, pad_token_id, stop_ids, setti
     output = model.generate(
         input_ids=input_ids, attention_mask=attention_mask, num_beams=settings.num_beams,
         max_new_tokens=settings.max_new_tokens, do_sample=False, pad_token_id=pad_token_id, eos_token_id=stop_ids,
+        repetition_penalty=settings.repetition_penalty, no_repeat_ngram_size=settings.no_repeat_ngram_size,
     )
     return _cut_at_stop(output[:, input_ids.shape[1] :].tolist(), stop_ids)
 
@@ -136,13 +137,12 @@ def _generate_chatglm(model, tokenizer, prompts, stop_ids, settings: GenerationS
     """Native ChatGLM models take the original's masks and positions, which their tokenizer builds."""
     if settings.num_beams > 1:
         raise GlmtuneError("--num_beams > 1 is not supported for native ChatGLM models")
-    if needs_history(settings):
-        raise GlmtuneError("--repetition_penalty and --no_repeat_ngram_size are not supported for native ChatGLM models")
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in tokenizer.pad_ids(prompts).items()}
     output = model.generate(**inputs, max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample,
                             top_p=settings.top_p, temperature=settings.temperature, eos_token_id=stop_ids,
-                            top_k=settings.top_k,
+                            top_k=settings.top_k, repetition_penalty=settings.repetition_penalty,
+                            no_repeat_ngram_size=settings.no_repeat_ngram_size,
                             pad_token_id=tokenizer.pad_token_id, generator=generator if device.type == "cpu" else None)
     return _cut_at_stop(output[:, inputs["input_ids"].shape[1] :].tolist(), stop_ids)
 

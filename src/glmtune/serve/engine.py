@@ -170,7 +170,7 @@ class Engine:
             max_new_tokens=config.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, do_sample=config.do_sample,
             top_p=config.top_p, temperature=config.temperature, seed=config.seed,
             repetition_penalty=config.repetition_penalty, top_k=config.top_k,
-            no_repeat_ngram_size=config.no_repeat_ngram_size,
+            no_repeat_ngram_size=config.no_repeat_ngram_size or 0,
         )
         return dataclasses.replace(settings, **{k: v for k, v in overrides.items() if v is not None})
 
