@@ -243,7 +243,18 @@ def chatglm6b_samples(count: int, tiny: bool, seed: int = 0) -> tuple[object, li
 
 
 def measure(run: str, args, device: str, data: list, extra: dict) -> dict:
-    """Build a fresh model, run ``run``'s runner on it, and return its figures."""
+    """Build a fresh model, run ``run``'s runner on it, and return its figures (+nocudnn: SDPA without cuDNN)."""
+    if "nocudnn" not in run.split("+"):
+        return _measure(run, args, device, data, extra)
+    enabled = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        return _measure(run, args, device, data, extra)
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(enabled)
+
+
+def _measure(run: str, args, device: str, data: list, extra: dict) -> dict:
     name, *flags = run.split("+")
     if name in ("seed", "hf16"):
         if "liger" in flags:  # patches transformers' Llama classes for the rest of the process: run it last

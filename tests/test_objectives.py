@@ -84,3 +84,24 @@ def test_unknown_stage_is_a_one_line_error():
     assert get_objective("sft").name == "sft"
     with pytest.raises(GlmtuneError, match="--stage nonsense"):
         get_objective("nonsense")
+
+
+class BackendRecordingObjective(SFTObjective):
+    """SFT that records, at each step, whether PyTorch may pick cuDNN's attention kernel."""
+
+    def __init__(self):
+        super().__init__()
+        self.cudnn_allowed = []
+
+    def loss(self, model, batch):
+        self.cudnn_allowed.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return super().loss(model, batch)
+
+
+def test_training_steps_run_without_cudnn_attention_and_restore_the_flag(tiny_llama, tmp_path):
+    model, tokenizer, config = setup(tiny_llama, tmp_path)
+    objective = BackendRecordingObjective()
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    train(model, tokenizer, get_method("lora"), config, EXAMPLES, objective=objective)
+    assert objective.cudnn_allowed and not any(objective.cudnn_allowed)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
