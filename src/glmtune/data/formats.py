@@ -22,11 +22,14 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from glmtune.data.tools import ToolCall, normalize_tools, parse_calls_value
 from glmtune.errors import GlmtuneError
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -66,23 +69,18 @@ class BadRecord(GlmtuneError):
 
 @dataclass
 class LoadReport:
-    conversations: list[Conversation] = field(default_factory=list)
     skipped: int = 0
 
 
-def read_conversations(path: str | Path, options: FormatOptions, skip_bad_records: bool = False,
-                       normalize: Callable[[dict, str], dict] | None = None) -> list[Conversation]:
-    """All conversations in a file; raises GlmtuneError naming file, line and key for a bad record.
-    ``normalize(record, where)`` renames another layout's keys to this module's (``data/dataset_info.py``)."""
-    path = Path(path)
+def read_parsed(path: Path, parse: Callable[[object, str], T], skip_bad_records: bool, nothing: str) -> list[T]:
+    """``parse(record, where)`` of every record in a file. A ``BadRecord`` stops the read, or with
+    ``skip_bad_records`` is skipped and counted in one warning; no record left is ``GlmtuneError(f"{path}: {nothing}")``."""
     if not path.is_file():
         raise GlmtuneError(f"data file not found: {path}")
-    report = LoadReport()
+    parsed, report = [], LoadReport()
     for where, record in read_records(path, skip_bad_records, report):
         try:
-            if normalize is not None:
-                record = normalize(record, where)
-            report.conversations.append(to_conversation(record, options, where))
+            parsed.append(parse(record, where))
         except BadRecord as error:
             if not skip_bad_records:
                 raise
@@ -90,11 +88,24 @@ def read_conversations(path: str | Path, options: FormatOptions, skip_bad_record
             logger.debug("skipped %s", error)
     if report.skipped:
         logger.warning("%s: skipped %d bad record(s) (--skip_bad_records)", path, report.skipped)
-    if not report.conversations:
-        raise GlmtuneError(f"{path}: no usable records (the file is empty or every record was bad)")
-    if options.require_response and not any(has_answer(c) for c in report.conversations):
+    if not parsed:
+        raise GlmtuneError(f"{path}: {nothing} (the file is empty or every record was bad)")
+    return parsed
+
+
+def read_conversations(path: str | Path, options: FormatOptions, skip_bad_records: bool = False,
+                       normalize: Callable[[dict, str], dict] | None = None) -> list[Conversation]:
+    """All conversations in a file; raises GlmtuneError naming file, line and key for a bad record.
+    ``normalize(record, where)`` renames another layout's keys to this module's (``data/dataset_info.py``)."""
+    path = Path(path)
+
+    def parse(record, where: str) -> Conversation:
+        return to_conversation(normalize(record, where) if normalize else record, options, where)
+
+    conversations = read_parsed(path, parse, skip_bad_records, "no usable records")
+    if options.require_response and not any(has_answer(c) for c in conversations):
         raise GlmtuneError(f"{path}: every answer is empty ({_answer_key(options)}); there is nothing to learn or score")
-    return report.conversations
+    return conversations
 
 
 def has_answer(conversation: Conversation) -> bool:

@@ -15,10 +15,11 @@ prompt tokens and only the answers carry labels.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from glmtune.data.formats import BadRecord, Conversation, FormatOptions, LoadReport, Turn, read_records, to_conversation
+from glmtune.data.formats import BadRecord, Conversation, FormatOptions, Turn, read_parsed, to_conversation
 from glmtune.data.preprocess import Example, encode_conversation
 from glmtune.data.templates import Template
 from glmtune.errors import GlmtuneError
@@ -78,23 +79,13 @@ def to_pair(record, where: str) -> PreferencePair:
     return PreferencePair(_with_answer(prompt, chosen), _with_answer(prompt, rejected))
 
 
-def read_preference_pairs(path: str | Path, skip_bad_records: bool = False) -> list[PreferencePair]:
-    path = Path(path)
-    if not path.is_file():
-        raise GlmtuneError(f"data file not found: {path}")
-    pairs, report = [], LoadReport()
-    for where, record in read_records(path, skip_bad_records, report):
-        try:
-            pairs.append(to_pair(record, where))
-        except BadRecord:
-            if not skip_bad_records:
-                raise
-            report.skipped += 1
-    if report.skipped:
-        logger.warning("%s: skipped %d bad record(s) (--skip_bad_records)", path, report.skipped)
-    if not pairs:
-        raise GlmtuneError(f"{path}: no usable preference pairs (the file is empty or every record was bad)")
-    return pairs
+def read_preference_pairs(path: str | Path, skip_bad_records: bool = False,
+                          normalize: Callable[[dict, str], dict] | None = None) -> list[PreferencePair]:
+    """The pairs in a file. ``normalize(record, where)`` renames a dataset_info.json entry's keys to these."""
+    def parse(record, where: str) -> PreferencePair:
+        return to_pair(normalize(record, where) if normalize else record, where)
+
+    return read_parsed(Path(path), parse, skip_bad_records, "no usable preference pairs")
 
 
 def preference_examples(pairs: list[PreferencePair], tokenizer, template: Template, max_source_length: int,

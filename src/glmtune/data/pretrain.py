@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from glmtune.data.formats import LoadReport, read_records
+from glmtune.data.formats import BadRecord, read_parsed
 from glmtune.data.preprocess import Example
 from glmtune.errors import GlmtuneError
 
@@ -23,30 +23,29 @@ logger = logging.getLogger(__name__)
 TOKENIZE_BATCH = 1000
 
 
-def read_documents(path: str | Path, text_column: str = "text", skip_bad_records: bool = False) -> list[str]:
-    """The documents in a ``.txt``, JSON or JSONL file; a bad record stops with its file and line."""
+def read_documents(path: str | Path, text_column: str = "text", skip_bad_records: bool = False,
+                   column_flag: str = "set --text_column") -> list[str]:
+    """The documents in a ``.txt``, JSON or JSONL file; a bad record stops with its file and line.
+    ``column_flag`` says where ``text_column`` was set, for the error of a record that lacks it."""
     path = Path(path)
+    if path.suffix != ".txt":
+        return read_parsed(path, lambda record, where: _document(record, where, text_column, column_flag),
+                           skip_bad_records, "no documents")
     if not path.is_file():
         raise GlmtuneError(f"data file not found: {path}")
-    if path.suffix == ".txt":
-        documents = [line for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
-    else:
-        documents, report = [], LoadReport()
-        for where, record in read_records(path, skip_bad_records, report):
-            text = record.get(text_column) if isinstance(record, dict) else None
-            if isinstance(text, str) and text.strip():
-                documents.append(text)
-                continue
-            problem = (f"missing key '{text_column}' (set --text_column)" if not isinstance(record, dict) or text_column not in record
-                       else f"key '{text_column}' must be a non-empty string")
-            if not skip_bad_records:
-                raise GlmtuneError(f"{where}: {problem}")
-            report.skipped += 1
-        if report.skipped:
-            logger.warning("%s: skipped %d bad record(s) (--skip_bad_records)", path, report.skipped)
+    documents = [line for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     if not documents:
         raise GlmtuneError(f"{path}: no documents (the file is empty or every record was bad)")
     return documents
+
+
+def _document(record, where: str, text_column: str, column_flag: str) -> str:
+    text = record.get(text_column) if isinstance(record, dict) else None
+    if isinstance(text, str) and text.strip():
+        return text
+    if not isinstance(record, dict) or text_column not in record:
+        raise BadRecord(f"{where}: missing key '{text_column}' ({column_flag})")
+    raise BadRecord(f"{where}: key '{text_column}' must be a non-empty string")
 
 
 def _adds_special_tokens(tokenizer) -> bool:
