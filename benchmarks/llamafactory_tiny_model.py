@@ -1,5 +1,6 @@
 # Usage: python benchmarks/llamafactory_tiny_model.py $PWD  (the glmtune checkout; LLaMA-Factory's data/ copied to /tmp/lf/data)
-# A tiny random Llama with a ChatML chat template (Qwen's layout, honouring enable_thinking), for the LLaMA-Factory run.
+# A tiny random Llama with a ChatML chat template (Qwen's layout, honouring enable_thinking), for the LLaMA-Factory runs
+# (qwen3_lora_sft.yaml, qwen3_lora_pretrain.yaml, qwen3_lora_dpo.yaml).
 import json, sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[1] + "/tests")
@@ -7,7 +8,10 @@ import torch
 from tiny_models import build_tokenizer, corpus_texts
 from transformers import LlamaConfig, LlamaForCausalLM
 data = Path("/tmp/lf/data")
-texts = corpus_texts() + [json.dumps(json.load(open(data / f)), ensure_ascii=False) for f in ("identity.json", "alpaca_en_demo.json")]
+# The characters of the data the runs read: sft's identity + alpaca_en_demo, pt's c4_demo, dpo's dpo_en_demo.
+texts = corpus_texts() + [json.dumps(json.load(open(data / f)), ensure_ascii=False)
+                          for f in ("identity.json", "alpaca_en_demo.json", "dpo_en_demo.json")]
+texts += [json.loads(line)["text"] for line in open(data / "c4_demo.jsonl", encoding="utf-8")]
 tok = build_tokenizer(texts + ["<|im_start|><|im_end|><think></think>"])
 tok.chat_template = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' and loop.last %}<think>\n\n</think>\n\n{% endif %}{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -202,24 +202,31 @@ def test_missing_tracker_names_the_extra(monkeypatch):
         trackers.tracker_names("neptune")
 
 
-def test_llamafactory_run_records_loss_in_wandb_mlflow_and_plot(tiny_llama, tmp_path, monkeypatch):
-    """An LLaMA-Factory style YAML + dataset_info.json folder trains: PEFT adapter, training_loss.png, the loss in
-    W&B (offline) and MLflow (a local file: store), HF-schema trainer_state.json; resume still works."""
-    pytest.importorskip("wandb")
-    pytest.importorskip("mlflow")
+def chat_model(tiny_llama, folder):
+    """The tiny Llama with a chat template that renders turns incrementally, the thinking switch on the answer as on
+    the generation prompt (as Qwen3's does)."""
     import shutil
 
-    from mlflow.tracking import MlflowClient
     from transformers import AutoTokenizer
 
-    model = shutil.copytree(tiny_llama, tmp_path / "model")
+    model = shutil.copytree(tiny_llama, folder)
     tokenizer = AutoTokenizer.from_pretrained(model)
-    # Renders turns incrementally, the thinking switch on the answer as on the generation prompt (as Qwen3's does).
     nothink = "{% if enable_thinking is defined and not enable_thinking %}<nothink>{% endif %}"
     tokenizer.chat_template = (
         "{% for m in messages %}<|{{ m['role'] }}|>{% if m['role'] == 'assistant' %}" + nothink + "{% endif %}"
         "{{ m['content'] }}<eos>{% endfor %}{% if add_generation_prompt %}<|assistant|>" + nothink + "{% endif %}")
     tokenizer.save_pretrained(model)
+    return model
+
+
+def test_llamafactory_run_records_loss_in_wandb_mlflow_and_plot(tiny_llama, tmp_path, monkeypatch):
+    """An LLaMA-Factory style YAML + dataset_info.json folder trains: PEFT adapter, training_loss.png, the loss in
+    W&B (offline) and MLflow (a local file: store), HF-schema trainer_state.json; resume still works."""
+    pytest.importorskip("wandb")
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    model = chat_model(tiny_llama, tmp_path / "model")
     make_data_folder(tmp_path / "data")
     monkeypatch.chdir(tmp_path)  # dataset_dir defaults to ./data, as in LLaMA-Factory
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -259,3 +266,114 @@ def test_missing_extra_is_one_line_naming_it():
 
     with pytest.raises(GlmtuneError, match=r"^glmtune serve needs no_such_module_x: pip install 'glmtune\[serve\]'$"):
         require_extra("serve", "json", "no_such_module_x", needed_for="glmtune serve")
+
+
+# LLaMA-Factory's examples/train_lora/qwen3_lora_pretrain.yaml and qwen3_lora_dpo.yaml, shortened.
+PT_YAML = """\
+model_name_or_path: MODEL
+trust_remote_code: true
+stage: pt
+do_train: true
+finetuning_type: lora
+lora_rank: 4
+lora_target: all
+dataset: c4,wiki
+cutoff_len: 16
+max_samples: 1000
+preprocessing_num_workers: 16
+output_dir: OUT
+logging_steps: 1
+overwrite_output_dir: true
+report_to: none
+per_device_train_batch_size: 2
+learning_rate: 1.0e-2
+num_train_epochs: 1.0
+"""
+DPO_YAML = PT_YAML.replace("stage: pt", "stage: dpo\npref_beta: 0.1\npref_loss: sigmoid").replace(
+    "dataset: c4,wiki", "dataset: prefs\ntemplate: qwen3_nothink").replace("cutoff_len: 16", "cutoff_len: 64").replace(
+    "num_train_epochs: 1.0", "num_train_epochs: 4.0")
+DOCUMENTS = [f"document {i} is about the number {i} and nothing else" for i in range(6)]
+
+
+def make_stage_folder(folder):
+    """LLaMA-Factory's pt and dpo layouts: c4_demo-style JSONL with columns {"prompt": "text"}, wiki_demo-style .txt,
+    and a dpo_en_demo-style sharegpt ranking dataset with its own role tags; plus an alpaca (non-ranking) entry."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "c4.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCUMENTS), encoding="utf-8")
+    (folder / "wiki.txt").write_text("a wiki line\n\nanother wiki line\n", encoding="utf-8")
+    prefs = [{"chat": [{"speaker": "me", "text": f"what is {i} plus one"}],
+              "better": {"speaker": "bot", "text": f"{i + 1}"}, "worse": {"speaker": "bot", "text": f"{i + 7} or so"}}
+             for i in range(4)]
+    (folder / "prefs.json").write_text(json.dumps(prefs), encoding="utf-8")
+    (folder / "qa.json").write_text(json.dumps([{"instruction": "q", "output": "a"}]), encoding="utf-8")
+    info = {
+        "c4": {"file_name": "c4.jsonl", "columns": {"prompt": "text"}},
+        "wiki": {"file_name": "wiki.txt", "columns": {"prompt": "text"}},
+        "prefs": {"file_name": "prefs.json", "ranking": True, "formatting": "sharegpt",
+                  "columns": {"messages": "chat", "chosen": "better", "rejected": "worse"},
+                  "tags": {"role_tag": "speaker", "content_tag": "text", "user_tag": "me", "assistant_tag": "bot"}},
+        "qa": {"file_name": "qa.json"},
+    }
+    (folder / "dataset_info.json").write_text(json.dumps(info), encoding="utf-8")
+    return folder
+
+
+def test_stage_datasets_read_through_dataset_info(tmp_path):
+    from glmtune.data.dataset_info import read_dataset_documents, read_dataset_pairs
+
+    folder = make_stage_folder(tmp_path / "data")
+    assert read_dataset_documents("c4, wiki", folder) == DOCUMENTS + ["a wiki line", "another wiki line"]
+    assert read_dataset_documents("c4", folder, max_samples=2) == DOCUMENTS[:2]
+    pairs = read_dataset_pairs("prefs", folder)
+    assert [(p.chosen.turns[-1].query, p.chosen.turns[-1].answer, p.rejected.turns[-1].answer) for p in pairs[:2]] == [
+        ("what is 0 plus one", "1", "7 or so"), ("what is 1 plus one", "2", "8 or so")]
+
+
+def test_stage_dataset_errors_name_the_entry_and_record(tmp_path):
+    from glmtune.data.dataset_info import read_dataset_documents, read_dataset_pairs
+
+    folder = make_stage_folder(tmp_path / "data")
+    with pytest.raises(GlmtuneError, match="dataset 'qa' is not a ranking dataset; stage: dpo needs ranking: true"):
+        read_dataset_pairs("qa", folder)
+    with pytest.raises(GlmtuneError, match="dataset 'prefs' is a ranking .* stage: dpo, not pt"):
+        read_dataset_documents("prefs", folder)
+    with pytest.raises(GlmtuneError, match="dataset 'wiki': wiki.txt is raw text, for stage: pt, not sft"):
+        read_datasets("wiki", folder, FormatOptions())
+    (folder / "c4.jsonl").write_text('{"text": "fine"}\n{"body": "no text"}\n', encoding="utf-8")
+    with pytest.raises(GlmtuneError, match=r"c4.jsonl:2: missing key 'text' \(columns.prompt of 'c4' in dataset_info.json\)"):
+        read_dataset_documents("c4", folder)
+    assert read_dataset_documents("c4", folder, skip_bad_records=True) == ["fine"]
+    prefs = json.loads((folder / "prefs.json").read_text())
+    del prefs[1]["worse"]
+    (folder / "prefs.json").write_text(json.dumps(prefs), encoding="utf-8")
+    with pytest.raises(GlmtuneError, match=r"prefs.json:record 2: missing key 'worse' \(columns.rejected in dataset_info.json\)"):
+        read_dataset_pairs("prefs", folder)
+    assert len(read_dataset_pairs("prefs", folder, skip_bad_records=True)) == 3
+
+
+def test_llamafactory_pt_yaml_with_dataset_trains(tiny_llama, tmp_path, monkeypatch):
+    make_stage_folder(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    output = tmp_path / "out"
+    result = run_train(parse_config([str(write_yaml(tmp_path, tiny_llama, output, PT_YAML))]))
+    logged = [json.loads(line) for line in (output / "train_log.jsonl").read_text().splitlines()]
+    assert result.steps >= 3 and len([e for e in logged if "loss" in e]) == result.steps
+    assert (output / "adapter_model.safetensors").is_file()
+    # Blocks of cutoff_len tokens from the eight documents of both datasets (the 6-document c4 alone packs fewer).
+    c4_only = run_train(parse_config([str(write_yaml(tmp_path, tiny_llama, tmp_path / "c4", PT_YAML)), "dataset=c4"]))
+    assert c4_only.steps < result.steps
+
+
+def test_llamafactory_dpo_yaml_with_ranking_dataset_trains_and_logs_rewards(tiny_llama, tmp_path, monkeypatch):
+    model = chat_model(tiny_llama, tmp_path / "model")
+    make_stage_folder(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    output = tmp_path / "out"
+    result = run_train(parse_config([str(write_yaml(tmp_path, model, output, DPO_YAML))]))
+    logged = [json.loads(line) for line in (output / "train_log.jsonl").read_text().splitlines()]
+    steps = [e for e in logged if "loss" in e]
+    assert result.steps == len(steps) == 8  # 4 pairs / batch 2 * 4 epochs
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen"):
+        assert all(key in e for e in steps), key
+    assert steps[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-5)  # the adapter starts as the reference
+    assert steps[-1]["rewards/margins"] > 0

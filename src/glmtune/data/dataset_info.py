@@ -1,8 +1,9 @@
 """LLaMA-Factory's data folder: ``dataset_info.json`` names datasets, each a local file in alpaca or sharegpt
 formatting with its own column and role names. Each record is renamed to the keys ``data/formats.py`` reads,
-so these datasets become the same ``Conversation`` objects as ``--train_file``.
+so these datasets become the same ``Conversation`` objects as ``--train_file``; ``ranking: true`` datasets become
+``stage: dpo``'s preference pairs, and ``stage: pt`` reads each record's ``columns.prompt`` text as one document.
 
-Keys of an entry: ``file_name`` (a file or a folder of files: json, jsonl, csv, parquet), ``formatting``,
+Keys of an entry: ``file_name`` (a file or a folder of files: json, jsonl, csv, parquet; txt for pt), ``formatting``,
 ``ranking``, ``columns``, ``tags`` and ``num_samples`` (the first N records). Hub entries (``hf_hub_url``, ...)
 are refused: glmtune reads local files only.
 """
@@ -10,14 +11,18 @@ are refused: glmtune reads local files only.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from glmtune.data.formats import BadRecord, Conversation, FormatOptions, read_conversations
+from glmtune.data.preference import PreferencePair, read_preference_pairs
+from glmtune.data.pretrain import read_documents
 from glmtune.errors import GlmtuneError
 
 INFO_FILE = "dataset_info.json"
-SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
+TEXT_SUFFIX = ".txt"  # raw text, one document per line: stage pt only
 
 # LLaMA-Factory column key -> (its default column, the key data/formats.py reads). tools, chosen and rejected
 # pass through under their own names, for the tools and preference record kinds.
@@ -43,11 +48,31 @@ class DatasetEntry:
     content_tag: str = "value"
     roles: dict[str, str] = field(default_factory=dict)  # this dataset's role name -> formats.py's
     num_samples: int | None = None
+    info_path: Path = Path(INFO_FILE)
+
+    def check_stage(self, stage: str) -> None:
+        """A dataset of the wrong kind for ``stage`` is refused, naming the kind it is for."""
+        where = f"{self.info_path}: dataset '{self.name}'"
+        if self.ranking and stage != "dpo":
+            raise GlmtuneError(f"{where} is a ranking (preference) dataset; it trains with stage: dpo, not {stage}")
+        if stage == "dpo" and not self.ranking:
+            raise GlmtuneError(f"{where} is not a ranking dataset; stage: dpo needs ranking: true with chosen and "
+                               "rejected columns")
+        if stage == "pt" and self.formatting != "alpaca":
+            raise GlmtuneError(f"{where}: stage: pt reads raw text, the column named by columns.prompt; "
+                               f"formatting: {self.formatting} has none")
+        text_files = [p.name for p in self.files if p.suffix.lower() == TEXT_SUFFIX]
+        if text_files and stage != "pt":
+            raise GlmtuneError(f"{where}: {text_files[0]} is raw text, for stage: pt, not {stage}")
 
     def normalize(self, record: dict, where: str) -> dict:
         """The record under formats.py's keys (sharegpt messages as ``{"from", "value"}``)."""
         if not isinstance(record, dict):
             raise BadRecord(f"{where}: a record must be an object, got {type(record).__name__}")
+        if self.ranking:
+            missing = next((key for key in ("chosen", "rejected") if self.columns[key] not in record), None)
+            if missing:
+                raise BadRecord(f"{where}: missing key '{self.columns[missing]}' (columns.{missing} in {INFO_FILE})")
         out = {ours: record[theirs] for ours, theirs in self.columns.items() if theirs and theirs in record}
         if self.formatting == "sharegpt":
             messages_column = self.columns["conversations"]
@@ -110,10 +135,13 @@ def dataset_entry(name: str, dataset_dir: str | Path) -> DatasetEntry:
     unknown_tags = set(tags) - set(TAGS) - {"role_tag", "content_tag"}
     if unknown_tags:
         raise GlmtuneError(f"{where}: unknown tags {', '.join(sorted(unknown_tags))}")
+    ranking = bool(spec.get("ranking", False))
+    columns = {ours: given.get(theirs, default) for theirs, (default, ours) in layout.items()}
+    if ranking:  # the names every ranking dataset of LLaMA-Factory's data/ gives them
+        columns = {**columns, "chosen": columns["chosen"] or "chosen", "rejected": columns["rejected"] or "rejected"}
     return DatasetEntry(
-        name=name, files=_files(Path(dataset_dir) / spec["file_name"], where), formatting=formatting,
-        ranking=bool(spec.get("ranking", False)),
-        columns={ours: given.get(theirs, default) for theirs, (default, ours) in layout.items()},
+        name=name, info_path=info_path, files=_files(Path(dataset_dir) / spec["file_name"], where), formatting=formatting,
+        ranking=ranking, columns=columns,
         role_tag=tags.get("role_tag", "from"), content_tag=tags.get("content_tag", "value"),
         roles={tags.get(tag, default): ours for tag, (default, ours) in TAGS.items()},
         num_samples=spec.get("num_samples"),
@@ -136,18 +164,44 @@ def _files(path: Path, where: str) -> list[Path]:
 def read_datasets(names: str, dataset_dir: str | Path, options: FormatOptions, skip_bad_records: bool = False,
                   max_samples: int | None = None) -> list[Conversation]:
     """The conversations of every dataset in ``names`` (comma-separated), each cut to ``max_samples``."""
-    conversations: list[Conversation] = []
+    def read(entry: DatasetEntry) -> list[Conversation]:
+        entry.check_stage("sft")
+        entry_options = FormatOptions(**{**vars(options), "dataset_format": entry.formatting})
+        return [c for path in entry.files for c in read_conversations(path, entry_options, skip_bad_records, entry.normalize)]
+
+    return _read_each(names, dataset_dir, max_samples, read)
+
+
+def read_dataset_documents(names: str, dataset_dir: str | Path, skip_bad_records: bool = False,
+                           max_samples: int | None = None) -> list[str]:
+    """``stage: pt``: the documents of every dataset in ``names``, the text in each record's ``columns.prompt``
+    (LLaMA-Factory's ``c4_demo``: ``{"prompt": "text"}``; a ``.txt`` file: one document per line)."""
+    def read(entry: DatasetEntry) -> list[str]:
+        entry.check_stage("pt")
+        column = entry.columns["instruction"]
+        flag = f"columns.prompt of '{entry.name}' in {INFO_FILE}"
+        return [d for path in entry.files for d in read_documents(path, column, skip_bad_records, flag)]
+
+    return _read_each(names, dataset_dir, max_samples, read)
+
+
+def read_dataset_pairs(names: str, dataset_dir: str | Path, skip_bad_records: bool = False,
+                       max_samples: int | None = None) -> list[PreferencePair]:
+    """``stage: dpo``: the preference pairs of every ``ranking: true`` dataset in ``names``."""
+    def read(entry: DatasetEntry) -> list[PreferencePair]:
+        entry.check_stage("dpo")
+        return [p for path in entry.files for p in read_preference_pairs(path, skip_bad_records, entry.normalize)]
+
+    return _read_each(names, dataset_dir, max_samples, read)
+
+
+def _read_each(names: str, dataset_dir: str | Path, max_samples: int | None, read: Callable[[DatasetEntry], list]) -> list:
+    records: list = []
     for name in [n.strip() for n in names.split(",") if n.strip()]:
         entry = dataset_entry(name, dataset_dir)
-        if entry.ranking:
-            raise GlmtuneError(f"{dataset_dir}/{INFO_FILE}: dataset '{name}' is a ranking (preference) dataset; "
-                               "it trains with stage: dpo, not sft")
-        entry_options = FormatOptions(**{**vars(options), "dataset_format": entry.formatting})
-        records: list[Conversation] = []
-        for path in entry.files:
-            records += read_conversations(path, entry_options, skip_bad_records, normalize=entry.normalize)
-        limit = min(n for n in (entry.num_samples, max_samples, len(records)) if n is not None)
-        conversations += records[:limit]
-    if not conversations:
+        entry_records = read(entry)
+        limit = min(n for n in (entry.num_samples, max_samples, len(entry_records)) if n is not None)
+        records += entry_records[:limit]
+    if not records:
         raise GlmtuneError(f"--dataset {names!r} names no dataset")
-    return conversations
+    return records

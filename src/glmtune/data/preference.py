@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from glmtune.data.formats import BadRecord, Conversation, FormatOptions, Turn, read_parsed, to_conversation
-from glmtune.data.preprocess import Example, encode_conversation
+from glmtune.data.preprocess import Example, encode_conversation, segment_lengths, shared_lengths
 from glmtune.data.templates import Template
 from glmtune.errors import GlmtuneError
 
@@ -89,18 +89,26 @@ def read_preference_pairs(path: str | Path, skip_bad_records: bool = False,
 
 
 def preference_examples(pairs: list[PreferencePair], tokenizer, template: Template, max_source_length: int,
-                        max_target_length: int) -> list[PreferenceExample]:
-    """Encoded pairs; a pair whose chosen or rejected answer is cut away entirely is dropped."""
+                        max_target_length: int, cutoff_len: int | None = None) -> list[PreferenceExample]:
+    """Encoded pairs; a pair whose chosen or rejected answer is cut away entirely is dropped. With ``cutoff_len``
+    the prompt and the longer answer share that budget (LLaMA-Factory's pairwise split), so both keep one prompt."""
     if tokenizer.eos_token_id is None and not template.answer_has_end_marker:
         raise GlmtuneError("the tokenizer has no EOS token; set one or use a chat template")
     examples = []
     for pair in pairs:
-        chosen, rejected = (encode_conversation(c, tokenizer, template, max_source_length, max_target_length)
+        source_length, target_length = max_source_length, max_target_length
+        if cutoff_len:
+            (prompt_tokens, chosen_tokens), (_, rejected_tokens) = (segment_lengths(c, tokenizer, template)[-1]
+                                                                    for c in (pair.chosen, pair.rejected))
+            source_length, target_length = shared_lengths(prompt_tokens, max(chosen_tokens, rejected_tokens), cutoff_len)
+            target_length = max(target_length, 1)  # room for the end token however long the prompt
+        chosen, rejected = (encode_conversation(c, tokenizer, template, source_length, target_length)
                             for c in (pair.chosen, pair.rejected))
         if min(chosen.answer_tokens, rejected.answer_tokens) >= template.minimum_answer_labels:
             examples.append(PreferenceExample(chosen, rejected))
     if not examples:
-        raise GlmtuneError(f"no preference pair has answer tokens left after truncation (max_target_length={max_target_length})")
+        budget = f"cutoff_len={cutoff_len}" if cutoff_len else f"max_target_length={max_target_length}"
+        raise GlmtuneError(f"no preference pair has answer tokens left after truncation ({budget})")
     if len(examples) < len(pairs):
         logger.warning("dropped %d pair(s) with an empty chosen or rejected answer", len(pairs) - len(examples))
     return examples

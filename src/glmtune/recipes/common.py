@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,20 +49,29 @@ def read_data(path: str | None, config: GlmtuneConfig, limit: int | None, requir
     return conversations[:limit] if limit else conversations
 
 
-def training_data(config: GlmtuneConfig) -> tuple[list[Conversation], list[Conversation] | None]:
-    """Training and validation conversations from --train_file/--validation_file or LLaMA-Factory's
+# (a file, or dataset names from dataset_info.json; at most this many records) -> the records
+Reader = Callable[[str | None, int | None], list]
+
+
+def conversation_readers(config: GlmtuneConfig) -> tuple[Reader, Reader]:
+    """--stage sft's readers: conversations from a file, and from LLaMA-Factory datasets (``limit`` per dataset)."""
+    return (lambda path, limit: read_data(path, config, limit),
+            lambda names, limit: read_datasets(names, config.dataset_dir, format_options(config),
+                                               config.skip_bad_records, limit))
+
+
+def training_data(config: GlmtuneConfig, read_file: Reader, read_named: Reader) -> tuple[list, list | None]:
+    """Training and validation records from --train_file/--validation_file or LLaMA-Factory's
     --dataset/--eval_dataset; --val_size holds out part of the training data instead."""
     if config.dataset:
-        train = read_datasets(config.dataset, config.dataset_dir, format_options(config), config.skip_bad_records,
-                              config.max_samples)
+        train = read_named(config.dataset, config.max_samples)
     else:
-        train = read_data(config.train_file, config, config.max_train_samples or config.max_samples)
+        train = read_file(config.train_file, config.max_train_samples or config.max_samples)
     evaluation = None
     if config.eval_dataset:
-        evaluation = read_datasets(config.eval_dataset, config.dataset_dir, format_options(config),
-                                   config.skip_bad_records, config.max_eval_samples or config.max_samples)
+        evaluation = read_named(config.eval_dataset, config.max_eval_samples or config.max_samples)
     elif config.validation_file and config.do_eval:
-        evaluation = read_data(config.validation_file, config, config.max_eval_samples)
+        evaluation = read_file(config.validation_file, config.max_eval_samples)
     if config.val_size:
         if evaluation is not None:
             raise GlmtuneError("--val_size splits the training data; drop it or --validation_file/--eval_dataset")

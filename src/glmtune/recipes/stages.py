@@ -1,7 +1,7 @@
 """What differs between training stages in the train recipe: the data, the examples and the objective.
 
-``sft`` reads conversations, ``pt`` raw documents packed into blocks, ``dpo`` preference pairs; each is
-read before the model loads, so a bad record fails in a second.
+``sft`` reads conversations, ``pt`` raw documents packed into blocks, ``dpo`` preference pairs, from files or
+LLaMA-Factory's dataset_info.json datasets; each is read before the model loads, so a bad record fails in a second.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from rich.console import Console
 from torch import nn
 
 from glmtune.config import AUTO, GlmtuneConfig
+from glmtune.data.dataset_info import read_dataset_documents, read_dataset_pairs
 from glmtune.data.pretrain import pretrain_examples, read_documents
 from glmtune.data.preference import preference_examples, read_preference_pairs
 from glmtune.data.preprocess import pad_id
@@ -21,7 +22,7 @@ from glmtune.errors import GlmtuneError
 from glmtune.methods import Method
 from glmtune.models.loading import resolve_dtype
 from glmtune.models.quantization import is_quantized
-from glmtune.recipes.common import ModelBundle, read_data, training_examples
+from glmtune.recipes.common import ModelBundle, Reader, conversation_readers, training_data, training_examples
 from glmtune.train.objectives import DPOObjective, Objective, PretrainObjective, SFTObjective
 from glmtune.train.objectives.dpo import adapter_off_reference, frozen_copy_reference, policy_reference, preference_metrics
 from glmtune.train.trainer import compute_dtype
@@ -39,14 +40,30 @@ def block_size(config: GlmtuneConfig) -> int:
     return config.max_source_length + config.max_target_length
 
 
-def read_stage_data(path: str, config: GlmtuneConfig, limit: int | None) -> list:
-    """Records of the stage's kind: conversations, documents or preference pairs."""
+def stage_data(config: GlmtuneConfig) -> tuple[list, list | None]:
+    """Training and validation records of the stage's kind (conversations, documents or preference pairs), from
+    files or LLaMA-Factory datasets (--dataset, --eval_dataset, --val_size), cut to --max_samples and the like."""
+    return training_data(config, *_stage_readers(config))
+
+
+def _stage_readers(config: GlmtuneConfig) -> tuple[Reader, Reader]:
+    skip = config.skip_bad_records
     if config.stage == "pt":
-        records = read_documents(path, config.text_column, config.skip_bad_records)
-    elif config.stage == "dpo":
-        records = read_preference_pairs(path, config.skip_bad_records)
-    else:
-        return read_data(path, config, limit)
+        return (lambda path, limit: _first(read_documents(_given(path), config.text_column, skip), limit),
+                lambda names, limit: read_dataset_documents(names, config.dataset_dir, skip, limit))
+    if config.stage == "dpo":
+        return (lambda path, limit: _first(read_preference_pairs(_given(path), skip), limit),
+                lambda names, limit: read_dataset_pairs(names, config.dataset_dir, skip, limit))
+    return conversation_readers(config)
+
+
+def _given(path: str | None) -> str:
+    if not path:
+        raise GlmtuneError("no data file given")
+    return path
+
+
+def _first(records: list, limit: int | None) -> list:
     return records[:limit] if limit else records
 
 
@@ -55,7 +72,7 @@ def stage_examples(bundle: ModelBundle, records: list, config: GlmtuneConfig) ->
         return pretrain_examples(records, bundle.tokenizer, block_size(config))
     if config.stage == "dpo":
         return preference_examples(records, bundle.tokenizer, bundle.template, config.max_source_length,
-                                   config.max_target_length)
+                                   config.max_target_length, config.cutoff_len)
     return training_examples(bundle, records, config)
 
 

@@ -17,8 +17,8 @@ from glmtune.data.formats import Conversation
 from glmtune.data.preference import PreferencePair
 from glmtune.data.templates import get_template
 from glmtune.models.vocab import extended_tokenizer, resize_for_tokenizer, vocabulary_record
-from glmtune.recipes.common import ModelBundle, load_base, prompts_for, training_data
-from glmtune.recipes.stages import read_stage_data, stage_eval_metrics, stage_examples, stage_objective
+from glmtune.recipes.common import ModelBundle, load_base, prompts_for
+from glmtune.recipes.stages import stage_data, stage_eval_metrics, stage_examples, stage_objective
 from glmtune.train.distributed import process_group
 from glmtune.train.trackers import tracker_names
 from glmtune.train.trainer import TrainResult, check_output_dir, train
@@ -37,11 +37,7 @@ def run_train(config: GlmtuneConfig) -> TrainResult:
     if config.do_eval and not (config.validation_file or config.eval_dataset or config.val_size):
         raise GlmtuneError("--do_eval needs --validation_file, --eval_dataset or --val_size")
     # Data first: a bad record should fail in a second, not after the model has loaded.
-    if config.stage == "sft":  # conversations from files or LLaMA-Factory datasets, with --val_size
-        train_records, eval_records = training_data(config)
-    else:
-        train_records = read_stage_data(config.train_file, config, config.max_train_samples)
-        eval_records = read_stage_data(config.validation_file, config, config.max_eval_samples) if config.do_eval else None
+    train_records, eval_records = stage_data(config)
     if eval_records:
         config.do_eval = True
     bundle = load_base(config, config.model_name_or_path)
