@@ -193,6 +193,31 @@ def test_llamafactory_template_names_use_the_chat_template(tiny_llama):
     assert plain.generation_prompt(conversation) == "<|user|>hi<|assistant|>"
 
 
+# Qwen3's way: only the last answer shows its (empty) thinking block; past answers are rendered without it.
+QWEN3_LIKE_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{% if m['role'] == 'assistant' and loop.last %}"
+                       "<think></think>{% endif %}{{ m['content'] }}<eos>{% endfor %}"
+                       "{% if add_generation_prompt %}<|assistant|><think></think>{% endif %}")
+
+
+def test_template_that_rewrites_past_turns_trains_the_last_answer(tiny_llama):
+    """dpo_en_demo's multi-turn prompts under a Qwen3-style template: the prompt is the history as the template
+    renders it before the last answer, the same text generation continues from."""
+    from transformers import AutoTokenizer
+
+    from glmtune.data.formats import Conversation, Turn
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    tokenizer.chat_template = QWEN3_LIKE_TEMPLATE
+    template = get_template("qwen3_nothink", tokenizer)
+    conversation = Conversation([Turn("q1", "a1", trains=False), Turn("q2", "a2")])
+    (segment,) = template.segments(conversation)
+    assert segment.prompt == "<|user|>q1<eos><|assistant|>a1<eos><|user|>q2<eos><|assistant|><think></think>"
+    assert segment.prompt == template.generation_prompt(conversation) and segment.answer == "a2<eos>"
+    every = Conversation([Turn("q1", "a1"), Turn("q2", "a2")])  # training on a1 as rendered, then rendered otherwise
+    with pytest.raises(GlmtuneError, match="does not render turns incrementally"):
+        template.segments(every)
+
+
 def test_missing_tracker_names_the_extra(monkeypatch):
     assert trackers.tracker_names("none") == []
     monkeypatch.setattr(trackers.importlib.util, "find_spec", lambda name: None)

@@ -127,23 +127,21 @@ class ChatTemplate(Template):
         return {"role": "assistant", "content": answer_text(turn)}
 
     def segments(self, conversation: Conversation) -> list[Segment]:
+        """Rendered only where an answer trains: turns before it are part of its prompt as the template renders them
+        in context, so a template that rewrites past turns (Qwen3's drops their thinking) trains on the last answer."""
         messages = self._system_messages(conversation)
-        rendered = self._render(messages, False)
-        segments, pending = [], rendered  # the system text opens the first prompt
+        segments, covered = [], ""  # the text up to the end of the last trained answer
         for turn in conversation.turns:
             messages += self._query_messages(turn)
-            with_prompt = self._render(messages, True)
+            with_prompt = self._render(messages, True) if turn.trains else ""
             messages.append(self._answer_message(turn))
+            if not turn.trains:
+                continue
             full = self._render(messages, False)
-            if not (with_prompt.startswith(rendered) and full.startswith(with_prompt)):
+            if not (with_prompt.startswith(covered) and full.startswith(with_prompt)):
                 raise GlmtuneError("this tokenizer's chat template does not render turns incrementally; use --template chatglm")
-            prompt, answer = with_prompt[len(rendered):], full[len(with_prompt):]
-            if turn.trains:
-                segments.append(Segment(pending + prompt, answer, True))
-                pending = ""
-            else:
-                pending += prompt + answer
-            rendered = full
+            segments.append(Segment(with_prompt[len(covered):], full[len(with_prompt):], True))
+            covered = full
         return segments
 
     def generation_prompt(self, conversation: Conversation) -> str:
