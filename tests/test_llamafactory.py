@@ -9,7 +9,7 @@ import logging
 import pytest
 
 from glmtune.config import INFERENCE_FLAGS, parse_config
-from glmtune.data.dataset_info import read_datasets
+from glmtune.data.dataset_info import read_dataset_documents, read_dataset_pairs, read_datasets
 from glmtune.data.formats import FormatOptions
 from glmtune.data.preprocess import shared_lengths
 from glmtune.data.templates import ChatTemplate, get_template
@@ -344,8 +344,6 @@ def make_stage_folder(folder):
 
 
 def test_stage_datasets_read_through_dataset_info(tmp_path):
-    from glmtune.data.dataset_info import read_dataset_documents, read_dataset_pairs
-
     folder = make_stage_folder(tmp_path / "data")
     assert read_dataset_documents("c4, wiki", folder) == DOCUMENTS + ["a wiki line", "another wiki line"]
     assert read_dataset_documents("c4", folder, max_samples=2) == DOCUMENTS[:2]
@@ -355,8 +353,6 @@ def test_stage_datasets_read_through_dataset_info(tmp_path):
 
 
 def test_stage_dataset_errors_name_the_entry_and_record(tmp_path):
-    from glmtune.data.dataset_info import read_dataset_documents, read_dataset_pairs
-
     folder = make_stage_folder(tmp_path / "data")
     with pytest.raises(GlmtuneError, match="dataset 'qa' is not a ranking dataset; stage: dpo needs ranking: true"):
         read_dataset_pairs("qa", folder)

@@ -49,18 +49,12 @@ def stage_data(config: GlmtuneConfig) -> tuple[list, list | None]:
 def _stage_readers(config: GlmtuneConfig) -> tuple[Reader, Reader]:
     skip = config.skip_bad_records
     if config.stage == "pt":
-        return (lambda path, limit: _first(read_documents(_given(path), config.text_column, skip), limit),
+        return (lambda path, limit: _first(read_documents(path, config.text_column, skip), limit),
                 lambda names, limit: read_dataset_documents(names, config.dataset_dir, skip, limit))
     if config.stage == "dpo":
-        return (lambda path, limit: _first(read_preference_pairs(_given(path), skip), limit),
+        return (lambda path, limit: _first(read_preference_pairs(path, skip), limit),
                 lambda names, limit: read_dataset_pairs(names, config.dataset_dir, skip, limit))
     return conversation_readers(config)
-
-
-def _given(path: str | None) -> str:
-    if not path:
-        raise GlmtuneError("no data file given")
-    return path
 
 
 def _first(records: list, limit: int | None) -> list:
