@@ -381,8 +381,11 @@ def test_llamafactory_pt_yaml_with_dataset_trains(tiny_llama, tmp_path, monkeypa
     assert result.steps >= 3 and len([e for e in logged if "loss" in e]) == result.steps
     assert (output / "adapter_model.safetensors").is_file()
     # Blocks of cutoff_len tokens from the eight documents of both datasets (the 6-document c4 alone packs fewer).
-    c4_only = run_train(parse_config([str(write_yaml(tmp_path, tiny_llama, tmp_path / "c4", PT_YAML)), "dataset=c4"]))
+    c4_only = run_train(parse_config([str(write_yaml(tmp_path, tiny_llama, tmp_path / "c4", PT_YAML)), "dataset=c4",
+                                      "val_size=2"]))
     assert c4_only.steps < result.steps
+    held_out = [json.loads(line) for line in (tmp_path / "c4" / "train_log.jsonl").read_text().splitlines()]
+    assert any("eval_loss" in e for e in held_out)  # val_size: two documents held out, evaluation on
 
 
 def test_llamafactory_dpo_yaml_with_ranking_dataset_trains_and_logs_rewards(tiny_llama, tmp_path, monkeypatch):
@@ -390,9 +393,12 @@ def test_llamafactory_dpo_yaml_with_ranking_dataset_trains_and_logs_rewards(tiny
     make_stage_folder(tmp_path / "data")
     monkeypatch.chdir(tmp_path)
     output = tmp_path / "out"
-    result = run_train(parse_config([str(write_yaml(tmp_path, model, output, DPO_YAML))]))
+    result = run_train(parse_config([str(write_yaml(tmp_path, model, output, DPO_YAML)), "eval_dataset=prefs",
+                                     "eval_steps=4"]))
     logged = [json.loads(line) for line in (output / "train_log.jsonl").read_text().splitlines()]
     steps = [e for e in logged if "loss" in e]
+    evaluations = [e for e in logged if "eval_loss" in e]  # eval_dataset: held-out pairs' rewards too
+    assert len(evaluations) == 2 and all("eval_rewards/accuracies" in e for e in evaluations)
     assert result.steps == len(steps) == 8  # 4 pairs / batch 2 * 4 epochs
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen"):
         assert all(key in e for e in steps), key
