@@ -36,7 +36,8 @@ def test_seed_flags_parse_verbatim():
 
 def test_yaml_config_with_flag_override():
     config = parse_config(["--config", str(REPO / "examples" / "ptuning.yaml"), "--max_steps", "5"])
-    assert config.finetuning_type == "ptuning" and config.pre_seq_len == 8 and config.max_steps == 5
+    assert config.finetuning_type == "ptuning" and config.pre_seq_len == 128 and config.max_steps == 5
+    assert config.learning_rate == 5e-2 and config.max_source_length == "auto"
     with pytest.raises(GlmtuneError, match="unknown arguments: --bogus"):
         parse_config(["--bogus", "1"])
 
