@@ -26,13 +26,7 @@ def test_right_padded_rows_need_no_attention_mask(tiny_model, method):
     batch = collate(EXAMPLES, 0)
     results = []
     for with_mask in (True, False):
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-        model = get_method(method).apply(model, GlmtuneConfig(pre_seq_len=3, lora_dropout=0.0)).train()
-        with torch.no_grad():
-            for name, parameter in model.named_parameters():
-                if "lora_B" in name:
-                    parameter.normal_(0, 0.1)
+        model = prepared(tiny_model, method)
         if with_mask:
             loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
                          use_cache=False).loss
@@ -84,9 +78,10 @@ def assert_label_loss_matches(model, batch, chunk_rows: int = CHUNK_ROWS):
         torch.testing.assert_close(gradients[name], gradient, atol=1e-6, rtol=1e-5)
 
 
-def prepared(folder, method: str):
+def prepared(folder, method: str, dtype: torch.dtype = torch.float32):
+    """``method`` on the model in ``folder``, with random LoRA B matrices so that LoRA's gradients are not zero."""
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     model = get_method(method).apply(model, GlmtuneConfig(pre_seq_len=3, lora_dropout=0.0, freeze_trainable_layers=1))
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -197,13 +192,7 @@ def test_checkpointing_some_layers_gives_the_same_gradients(tiny_llama):
     batch = collate(EXAMPLES, 0)
     results = []
     for layer_count in (None, 1, 0):
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
-        model = get_method("lora").apply(model, GlmtuneConfig(lora_dropout=0.0)).train()
-        with torch.no_grad():
-            for name, parameter in model.named_parameters():
-                if "lora_B" in name:
-                    parameter.normal_(0, 0.1)
+        model = prepared(tiny_llama, "lora")
         enable_gradient_checkpointing(model, layer_count)
         wrapped = [layer.forward.__name__ == "checkpointed" for layer in model.base_model.model.model.layers]
         assert wrapped == [True, True] if layer_count is None else [i < layer_count for i in range(2)]

@@ -3,16 +3,14 @@
 import pytest
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM
 
 from glmtune.config import GlmtuneConfig
 from glmtune.data.preprocess import collate
 from glmtune.errors import GlmtuneError
-from glmtune.methods import get_method
 from glmtune.models.fp8 import FP8, Fp8Linear, convert_frozen_linears, quantize_rows
 from glmtune.models.introspect import decoder_layers
 from glmtune.train.loss import label_loss
-from test_fast_paths import EXAMPLES
+from test_fast_paths import EXAMPLES, prepared
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -47,13 +45,7 @@ def test_lora_on_an_fp8_base_gives_close_loss_and_gradients(tiny_llama):
     batch = collate(EXAMPLES, 0)
     results = []
     for use_fp8 in (False, True):
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16)
-        model = get_method("lora").apply(model, GlmtuneConfig(lora_dropout=0.0)).train()
-        with torch.no_grad():
-            for name, parameter in model.named_parameters():
-                if "lora_B" in name:
-                    parameter.normal_(0, 0.1)
+        model = prepared(tiny_llama, "lora", torch.bfloat16)
         if use_fp8:
             # q_proj, v_proj under LoRA (their base layers) and k, o, gate, up, down: 7 per layer
             assert convert_frozen_linears(decoder_layers(model), torch.bfloat16) == 7 * 2
