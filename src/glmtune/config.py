@@ -290,9 +290,8 @@ class GlmtuneConfig(GenerationConfig, TrainingConfig, MethodConfig, DataConfig, 
         return dataclasses.asdict(self)
 
 
-# lora: measured on ADGEN with the bundled Gemma 3 270M, 150 steps x batch 8 (benchmarks/QUALITY.md). ptuning:
-# the seed's order of magnitude (its train.sh: 2e-2, PRE_SEQ_LEN=128), since 2e-4 left the prefix untrained on
-# held-out ADGEN (R-1 4.38); its 150-step run did not finish on the shared CPU. freeze and full: unchanged, unmeasured.
+# lora and ptuning: the best of a learning-rate sweep on ADGEN dev with the bundled Gemma 3 270M, 150 steps x batch 8
+# (benchmarks/QUALITY.md, sections 7-8); full: from 300-step runs there (section 10); freeze: unmeasured.
 DEFAULT_LEARNING_RATES = {"lora": 2e-3, "ptuning": 5e-2, "freeze": 2e-4, "full": 5e-5}
 DEFAULT_PRE_SEQ_LEN = 128
 AUTO = "auto"
