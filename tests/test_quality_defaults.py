@@ -133,3 +133,7 @@ def test_predict_bans_repeated_4grams_by_default_and_chat_does_not():
     assert parse_config(["--no_repeat_ngram_size", "3"]).no_repeat_ngram_size == 3
     with pytest.raises(GlmtuneError, match="--no_repeat_ngram_size must be >= 0"):
         GlmtuneConfig(no_repeat_ngram_size=-1)
+    with pytest.raises(GlmtuneError, match="--repetition_penalty must be"):
+        parse_config(["--repetition_penalty", "0"])
+    with pytest.raises(GlmtuneError, match="--top_k must be"):
+        parse_config(["--top_k", "-1"])
