@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import sys
 import time
@@ -32,7 +33,8 @@ from common import build_proxy, environment, timed, write_json  # noqa: E402
 from glmtune.eval.generation import (GenerationSettings, auto_batch_size, decoder_for, generate_batch,  # noqa: E402
                                      generate_texts)
 
-ROWS = ("seed", "hf_dynamic", "hf_static", "chat_bf16", "ptuning", "lora", "eager", "serve", "exactness", "chat_int4")
+ROWS = ("seed", "hf_dynamic", "hf_static", "chat_bf16", "ptuning", "lora", "eager", "compiled", "serve", "exactness",
+        "chat_int4")
 
 
 class IdTokenizer:
@@ -126,6 +128,10 @@ def main() -> None:
             traceback.print_exc()
             record(name.split(":")[-1] + "_error", repr(error)[:500])
             return None
+        finally:  # the next row starts with the memory of this one returned
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
     def seed_row():
         hf_generate(model, prompts[:1], 1, args.new, static=False)  # warm-up
@@ -157,6 +163,19 @@ def main() -> None:
                       "decode_tokens_per_s": round((args.chat_tokens - 8) / (seconds - short_seconds), 1),
                       "first_call_tokens_per_s": round(len(cold[0]) / cold_seconds, 1), "peak_alloc_gib": peak_gib()})
 
+    def compiled_row(name, tuned):
+        """predict --compile_generation: the first call compiles (its time recorded), the second is timed."""
+        compiled = GenerationSettings(max_new_tokens=args.new, compile_steps=True)
+        reset_peak()
+        (_, _), first_seconds = timed(lambda: generate_texts(tuned, IdTokenizer(), prompts, compiled, batch_size,
+                                                             show_progress=False))
+        (texts, _), seconds = timed(lambda: generate_texts(tuned, IdTokenizer(), prompts, compiled, batch_size,
+                                                           show_progress=False))
+        generated = sum(len(t.split()) for t in texts)
+        record(name, {"batch_size": batch_size, "generated_tokens": generated, "seconds": round(seconds, 3),
+                      "tokens_per_s": round(generated / seconds, 1), "first_call_s_with_compilation": round(first_seconds, 1),
+                      "first_call_tokens_per_s": round(generated / first_seconds, 1), "peak_alloc_gib": peak_gib()})
+
     def predict_row(name, tuned):
         generate_texts(tuned, IdTokenizer(), prompts[:8], settings, batch_size=8, show_progress=False)  # warm-up
         reset_peak()
@@ -176,9 +195,12 @@ def main() -> None:
         with torch.no_grad():
             ptuned.prefix_encoder.embedding.weight.normal_(0, 1)
         predict_row(f"glmtune_ptuning{args.pre_seq_len}", ptuned)
+        attempt("compiled:glmtune_ptuning_compiled", lambda: compiled_row(f"glmtune_ptuning{args.pre_seq_len}_compiled", ptuned))
+        del ptuned
 
     def lora_rows(lora):
         predict_row("glmtune_lora", lora)
+        attempt("compiled:glmtune_lora_compiled", lambda: compiled_row("glmtune_lora_compiled", lora))
         os.environ["GLMTUNE_CUDA_GRAPHS"] = "0"
         try:
             attempt("eager:glmtune_lora_eager_decode", lambda: predict_row("glmtune_lora_eager_decode", lora))
@@ -213,7 +235,9 @@ def main() -> None:
     if "lora" in rows or "serve" in rows:
         from peft import LoraConfig, get_peft_model
 
-        lora = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj"])).eval()
+        # The adapter in the base's dtype, as glmtune loads a trained adapter for predict/chat/serve (methods/lora.py).
+        lora = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj"]),
+                              autocast_adapter_dtype=False).eval()
     attempt("lora", lambda: lora_rows(lora))
     attempt("serve", lambda: record("serve", serve_row(lora, args)))
     if lora is not None:

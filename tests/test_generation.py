@@ -85,3 +85,22 @@ def test_fused_matvec_equals_dequantize_then_multiply(bits):
     pairs = nf4_pairs() if bits == 4 else None
     expected = torch.nn.functional.linear(x, dequantize_weight(codes, scale, bits, torch.float32, pairs))
     torch.testing.assert_close(dequantize_matvec(x, codes, scale, bits, torch.float32, pairs), expected)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_decode_attention_equals_masked_sdpa_with_grouped_heads(kv_heads):
+    from glmtune.eval.decoding import decode_attention
+
+    torch.manual_seed(0)
+    rows, heads, visible, head_dim = 3, 4, 9, 8
+    query = torch.randn(rows, heads, 1, head_dim)
+    key, value = torch.randn(2, rows, kv_heads, visible, head_dim)
+    mask = torch.rand(rows, 1, 1, visible) > 0.3
+    mask[..., -1] = True
+    module = torch.nn.Module()
+    module.num_key_value_groups = heads // kv_heads
+    ours, _ = decode_attention(module, query, key, value, mask, scaling=0.3)
+    expanded = [t.repeat_interleave(heads // kv_heads, dim=1) for t in (key, value)]
+    expected = torch.nn.functional.scaled_dot_product_attention(query, *expanded, attn_mask=mask, scale=0.3)
+    assert ours.shape == (rows, 1, heads, head_dim)
+    torch.testing.assert_close(ours, expected.transpose(1, 2), atol=1e-6, rtol=1e-5)

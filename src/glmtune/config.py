@@ -259,6 +259,10 @@ class GenerationConfig:
         "serve: sentence-transformers model (folder or hub name) behind /v1/embeddings (default: the --kb "
         "index's own embedding model, if it has one).", default=None
     )
+    compile_generation: bool = _help(
+        "predict/compare on a GPU: decode steps through torch.compile (one compilation of about half a minute, "
+        "then faster steps: benchmarks/RESULTS.md).", default=False
+    )
 
 
 # The sections in the order --help shows them; a command parses the sections it needs.

@@ -23,11 +23,14 @@ instead of NaNs that a later zero attention weight would still turn into NaN.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 from torch import nn
+from transformers import AttentionInterface
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from glmtune.methods.ptuning import PrefixTuningModel, cache_argument_name, prefix_positions
 from glmtune.models.introspect import attention_shape, text_config
@@ -56,6 +59,48 @@ def _round_up_visible(length: int, capacity: int) -> int:
         return min(MIN_VISIBLE, capacity)
     step = 1 << max(4, (length - 1).bit_length() - 3)
     return min(-(-length // step) * step, capacity)
+
+
+def decode_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                     **kwargs) -> tuple[torch.Tensor, None]:
+    """Attention of one new token per row over the masked cache, as two batched matmuls around a float32
+    softmax (how transformers' eager attention computes it), the query heads grouped by their KV head.
+
+    Why not SDPA: for one query against a boolean mask SDPA picks cuDNN's (sm80) kernel, which reads the
+    cache at about 40% of the H200's bandwidth; these matmuls take 0.23 ms against its 0.43 ms per layer
+    at 535 rows x 80 positions (benchmarks/generation_profile.py). Anything else goes to SDPA.
+    """
+    if (query.shape[2] != 1 or attention_mask is None or attention_mask.dtype != torch.bool
+            or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    rows, heads, _, head_dim = query.shape
+    kv_heads = key.shape[1]
+    grouped = query.reshape(rows, kv_heads, heads // kv_heads, head_dim)
+    scores = torch.matmul(grouped, key.transpose(-1, -2)).float() * (head_dim**-0.5 if scaling is None else scaling)
+    weights = scores.masked_fill_(~attention_mask, float("-inf")).softmax(-1).to(value.dtype)
+    return torch.matmul(weights, value).reshape(rows, 1, heads, value.shape[-1]), None
+
+
+DECODE_ATTENTION = "glmtune_decode"
+AttentionInterface.register(DECODE_ATTENTION, decode_attention)
+
+
+@contextlib.contextmanager
+def _attention_implementation(config, name: str):
+    previous = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+
+
+def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
+    """The LM head's input as one dense block. transformers hands it the last position as a strided view of
+    the prompt's hidden states, for which cuBLAS picks a kernel about 175x slower on the H200 (535 rows x
+    130k vocabulary: 135 ms against 0.77 ms; benchmarks/generation_profile.py)."""
+    return (args[0].contiguous(), *args[1:])
 
 
 class _SlotLayer:
@@ -87,6 +132,10 @@ class _SlotLayer:
             keys.index_copy_(2, cache.write_at, key_states)
             values.index_copy_(2, cache.write_at, value_states)
             return keys[:, :, : cache.visible], values[:, :, : cache.visible]
+        if isinstance(cache.rows, slice):  # a block of rows: plain copies instead of scatter and gather
+            self.keys[cache.rows, :, cache.write_slots].copy_(key_states)
+            self.values[cache.rows, :, cache.write_slots].copy_(value_states)
+            return self.keys[cache.rows, :, : cache.visible], self.values[cache.rows, :, : cache.visible]
         rows, slots = cache.rows[:, None], cache.write_slots
         self.keys[rows, :, slots] = key_states.transpose(1, 2)
         self.values[rows, :, slots] = value_states.transpose(1, 2)
@@ -109,8 +158,8 @@ class SlotCache:
         self.slots, self.capacity, self.prefix = slots, capacity, prefix
         self.layers = [_SlotLayer(index) for index in range(layers)]
         self.write_at = torch.zeros(1, dtype=torch.long, device=device)
-        self.rows: torch.Tensor | None = None
-        self.write_slots: torch.Tensor | None = None
+        self.rows: torch.Tensor | slice | None = None
+        self.write_slots: torch.Tensor | slice | None = None
         self.active = slots
         self.visible = capacity
 
@@ -121,15 +170,18 @@ class SlotCache:
 class SlotDecoder:
     """A model, its slot cache and the buffers and graphs of its decode step."""
 
-    def __init__(self, model: nn.Module, slots: int, capacity: int, use_graphs: bool | None = None):
+    def __init__(self, model: nn.Module, slots: int, capacity: int, use_graphs: bool | None = None,
+                 compile_steps: bool = False):
         prefix_model = model if isinstance(model, PrefixTuningModel) else None
         self.runner = prefix_model.base_model if prefix_model else model
         inner = innermost(model)
+        self.config = inner.config
         config = text_config(inner)
         self.device = next(model.parameters()).device
         self.prefix_length = prefix_model.pre_seq_len if prefix_model else 0
         self.slots, self.capacity = slots, self.prefix_length + capacity
         self.cache_argument = cache_argument_name(inner)
+        self.head = inner.get_output_embeddings()
         with torch.no_grad():
             prefix = [tuple(t.detach() for t in kv) for kv in prefix_model.prefix_key_values(1)] if prefix_model else None
         self.cache = SlotCache(attention_shape(inner)[0], slots, self.capacity, prefix, self.device)
@@ -140,6 +192,10 @@ class SlotDecoder:
         if use_graphs is None:  # GLMTUNE_CUDA_GRAPHS=0: eager decode steps, to compare (benchmarks/)
             use_graphs = self.device.type == "cuda" and os.environ.get("GLMTUNE_CUDA_GRAPHS", "1") != "0"
         self.use_graphs = use_graphs
+        # Compiled steps fuse the norms, rotary and activations (4 of the 29 ms of a step at 535 rows) but
+        # each new shape costs a compilation (33 s on the H200): they attend over the whole cache, one shape.
+        self.compiled = compile_steps
+        self._step_forward = torch.compile(self._forward, dynamic=False) if compile_steps else self._forward
         self.valid = torch.ones(slots, self.capacity, dtype=torch.bool, device=self.device)
         self.tokens = torch.zeros(slots, 1, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(slots, dtype=torch.long, device=self.device)
@@ -187,11 +243,19 @@ class SlotDecoder:
         input_ids, attention = input_ids.to(self.device), attention.to(self.device)
         row_index = torch.tensor(rows, device=self.device)
         cache = self.cache
-        cache.rows, cache.write_slots, cache.visible = row_index, torch.arange(end - length, end, device=self.device), end
+        write_slots = torch.arange(end - length, end, device=self.device)
+        if rows == list(range(rows[0], rows[0] + len(rows))):
+            cache.rows, cache.write_slots = slice(rows[0], rows[0] + len(rows)), slice(end - length, end)
+        else:
+            cache.rows, cache.write_slots = row_index, write_slots
+        cache.visible = end
+        hook = self.head.register_forward_pre_hook(_contiguous_input) if self.head is not None else None
         try:
-            logits = self._forward(input_ids, prefix_positions(attention), self._mask(cache.write_slots, self.valid[row_index], end))
+            logits = self._forward(input_ids, prefix_positions(attention), self._mask(write_slots, self.valid[row_index], end))
         finally:
             cache.rows = None
+            if hook is not None:
+                hook.remove()
         self.positions[row_index] = attention.sum(-1)
         return logits
 
@@ -217,7 +281,9 @@ class SlotDecoder:
         cache = self.cache
         cache.active, cache.visible = active, visible
         mask = self._mask(cache.write_at, self.valid[:active], visible)
-        return self._forward(self.tokens[:active], self.positions[:active, None], mask)
+        attention = DECODE_ATTENTION if self.attention == "sdpa" else self.attention
+        with _attention_implementation(self.config, attention):
+            return self._step_forward(self.tokens[:active], self.positions[:active, None], mask)
 
     def _graph(self, active: int, visible: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         key = (active, visible)
@@ -244,7 +310,7 @@ class SlotDecoder:
             raise ValueError(f"the cache holds {self.capacity} positions; all are used")
         self.tokens[: tokens.shape[0], 0].copy_(tokens)
         self.cache.write_at.fill_(self.position)
-        visible = _round_up_visible(self.position + 1, self.capacity)
+        visible = self.capacity if self.compiled else _round_up_visible(self.position + 1, self.capacity)
         if self.use_graphs:
             graph, logits = self._graph(active, visible)
             graph.replay()

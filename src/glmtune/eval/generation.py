@@ -40,6 +40,9 @@ class GenerationSettings:
     #: Per-request constrained decoding (serve's tool calls / JSON): called each step with the tokens
     #: picked at the previous step (None at the first) and the next-token logits; returns the logits to pick from.
     logits_processor: Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor] | None = None
+    #: Decode steps through torch.compile (predict/compare ``--torch_compile``): faster steps after a
+    #: one-time compilation, for long prediction runs on a GPU.
+    compile_steps: bool = False
 
 
 def stop_token_ids(model: nn.Module, tokenizer) -> list[int]:
@@ -62,7 +65,7 @@ def left_pad(prompts: list[list[int]], pad_token_id: int, device) -> tuple[torch
 
 def decoder_for(model: nn.Module, rows: int, longest_prompt: int, settings: GenerationSettings) -> SlotDecoder:
     """A decoder with ``rows`` slots, room for the longest prompt plus ``max_new_tokens``."""
-    return SlotDecoder(model, rows, longest_prompt + settings.max_new_tokens)
+    return SlotDecoder(model, rows, longest_prompt + settings.max_new_tokens, compile_steps=settings.compile_steps)
 
 
 @torch.no_grad()

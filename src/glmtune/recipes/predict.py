@@ -48,6 +48,7 @@ def generation_settings(config: GlmtuneConfig) -> GenerationSettings:
         max_new_tokens=config.max_new_tokens or config.max_target_length, do_sample=config.do_sample,
         top_p=config.top_p, temperature=config.temperature, num_beams=config.num_beams, seed=config.seed,
         repetition_penalty=config.repetition_penalty, top_k=config.top_k, no_repeat_ngram_size=ngram,
+        compile_steps=config.compile_generation,
     )
 
 
