@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from glmtune.data import tools
 from glmtune.data.formats import Conversation, Turn
+from glmtune.data.tools_chatglm import chatglm3_ids, uses_tools
 from glmtune.errors import GlmtuneError
 
 
@@ -157,6 +158,8 @@ class NativeChatGLMTemplate(Template):
 
     ChatGLM-6B: the query as is (``[Round i]`` rounds with history), then ``[gMASK] <sop>``;
     ChatGLM2/3-6B: ``[gMASK] sop`` then ``build_prompt``. Only the last answer carries loss, as in the seed.
+    A conversation with tools, calls or tool results is rendered in ChatGLM3's role format instead
+    (``data/tools_chatglm.py``), loss on every assistant message that trains, as in THUDM's ChatGLM3 fine-tuning.
     """
 
     def __init__(self, tokenizer):
@@ -174,21 +177,21 @@ class NativeChatGLMTemplate(Template):
     def encode_example(self, conversation: Conversation, max_source_length: int, max_target_length: int):
         from glmtune.models.chatglm import build_train_example
 
-        _refuse_tools(conversation)
+        if uses_tools(conversation):
+            ids, labels = chatglm3_ids(self.tokenizer, conversation, with_last_answer=True)
+            limit = max_source_length + max_target_length  # one sequence, cut at the end as THUDM's ChatGLM3 does
+            return ids[:limit], labels[:limit]
         last = conversation.turns[-1]
         return build_train_example(self.tokenizer, last.query, last.answer, max_source_length, max_target_length,
                                    self.history(conversation))
 
     def encode_prompt(self, conversation: Conversation, max_source_length: int) -> list[int]:
-        _refuse_tools(conversation)
+        if uses_tools(conversation):
+            ids, _ = chatglm3_ids(self.tokenizer, conversation, with_last_answer=False)
+            start = self.tokenizer.num_special_tokens  # keep [gMASK] sop, drop the oldest text
+            return ids if len(ids) <= max_source_length else ids[:start] + ids[len(ids) - max_source_length + start:]
         text = self.tokenizer.build_prompt(conversation.turns[-1].query, self.history(conversation))
         return self.tokenizer.encode(text, add_special_tokens=True, truncation=True, max_length=max_source_length)
-
-
-def _refuse_tools(conversation: Conversation) -> None:
-    if conversation.tools or any(turn.calls or turn.observations for turn in conversation.turns):
-        raise GlmtuneError(f"{conversation.source or 'a conversation'}: tool calls are not supported with the native "
-                           "ChatGLM prompt format yet; use --template chatglm (glmtune's fallback tool format)")
 
 
 def is_chatglm_tokenizer(tokenizer) -> bool:

@@ -12,7 +12,8 @@ Formats:
   in the answer and each result as ``<tool_response>\\n...\\n</tool_response>`` in the next query.
 
 Calls are read back in the same syntax (plus a bare ``{"name", "arguments"|"parameters"}`` object, as
-Llama 3 answers); constrained decoding in serve makes models write exactly this syntax.
+Llama 3 answers); constrained decoding in serve makes models write exactly this syntax. ChatGLM3's and GLM-4's
+own formats are in ``data/tools_chatglm.py``.
 """
 
 from __future__ import annotations
@@ -197,9 +198,21 @@ class CallSplitter:
         return [rest] if rest else []
 
 
-def parse_answer(text: str, known: set[str] | None = None) -> tuple[str, list[ToolCall]]:
+FALLBACK = "fallback"
+
+
+def call_splitter(syntax: str, known: set[str] | None):
+    """The streaming reader of a tool syntax: ``fallback`` (this module's) or a THUDM one (``data/tools_chatglm.py``)."""
+    if syntax == FALLBACK:
+        return CallSplitter(known)
+    from glmtune.data.tools_chatglm import LeadingCallSplitter  # it builds on this module
+
+    return LeadingCallSplitter(syntax, known or set())
+
+
+def parse_answer(text: str, known: set[str] | None = None, syntax: str = FALLBACK) -> tuple[str, list[ToolCall]]:
     """(the text outside calls, the calls) of a whole answer."""
-    splitter = CallSplitter(known)
+    splitter = call_splitter(syntax, known)
     pieces = splitter.feed(text) + splitter.flush()
     calls = [piece for piece in pieces if isinstance(piece, ToolCall)]
     return "".join(piece for piece in pieces if isinstance(piece, str)).strip(), calls
