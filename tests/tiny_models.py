@@ -89,7 +89,7 @@ def build_glm_tokenizer(extra_text: str = "") -> PreTrainedTokenizerFast:
 
 
 def build_glm_folder(folder: Path, architecture: str, seed: int = 0, extra_text: str = "",
-                     chat_template: str | None = None) -> Path:
+                     chat_template: str | None = None, context: int = 512) -> Path:
     """transformers' native GLM-4 models: ``glm`` (GLM-4-9B-0414's predecessor, GlmForCausalLM) or ``glm4``
     (Glm4ForCausalLM), tiny, with GLM-4's chat template (or ``chat_template``); generation stops at <|endoftext|>
     or <|user|>. ``extra_text``'s characters join the vocabulary."""
@@ -99,7 +99,7 @@ def build_glm_folder(folder: Path, architecture: str, seed: int = 0, extra_text:
     tokenizer.chat_template = chat_template or tokenizer.chat_template
     user = tokenizer.convert_tokens_to_ids("<|user|>")
     common = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=context,
                   pad_token_id=tokenizer.pad_token_id, eos_token_id=[tokenizer.eos_token_id, user])
     torch.manual_seed(seed)
     classes = {"glm": (GlmConfig, GlmForCausalLM), "glm4": (Glm4Config, Glm4ForCausalLM)}

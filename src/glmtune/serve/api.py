@@ -552,10 +552,10 @@ def create_app(engine: Engine, api_key: str | None = None, max_request_bytes: in
                 plan.processor = constraints.json_object()
             elif wanted == "json_schema":
                 plan.processor = constraints.json_schema(body.response_format.json_schema.json_schema)
-        except GlmtuneError:
-            raise
+        except GlmtuneError as error:
+            raise ApiError(400, str(error), param=param) from None
         except Exception as error:  # xgrammar rejects a schema it cannot compile
-            raise GlmtuneError(f"{param}: the JSON schema cannot be used ({error})") from None
+            raise ApiError(400, f"{param}: the JSON schema cannot be used ({error})", param=param) from None
 
     def chat_prompt_ids(conversation: Conversation) -> list[int]:
         return build_prompts([conversation], engine.tokenizer, engine.bundle.template, max_source_length=1 << 30)[0]

@@ -8,9 +8,10 @@ takes any Hugging Face tokenizer (llguidance refused the tests' character tokeni
 lm-format-enforcer does not import with transformers 5.
 
 Calls are forced in the syntax of the model's tool format: glmtune's fallback ``<tool_call>`` JSON, GLM-4's
-``name\n{json}``, or ChatGLM3's ``name\n```python\ntool_call(a=1)\n```\`` (``data/tools_chatglm.py``), whose keyword
-values are xgrammar's JSON-schema grammars rewritten to Python literals (``True``/``False``/``None``, no ``\\/``
-escape), so what is forced is what ChatGLM3 is trained on. Native ChatGLM2/3 tokenizers are plain SentencePiece
+``name`` line then the JSON arguments, or ChatGLM3's ``name`` line then a python code block calling
+``tool_call(a=1, b='x')`` (``data/tools_chatglm.py``), whose keyword values are xgrammar's JSON-schema grammars
+rewritten to Python literals (``True``/``False``/``None``, no backslash-slash escape), so what is forced is what
+ChatGLM3 is trained on. Native ChatGLM2/3 tokenizers are plain SentencePiece
 models without a Hugging Face tokenizer; their vocabulary is handed to xgrammar piece by piece.
 """
 
@@ -60,6 +61,21 @@ _PYTHON_LITERALS = {"true": '"True"', "false": '"False"', "null": '"None"'}
 _SLASH_ESCAPE = '[\\"\\\\/bfnrt]'
 
 
+# xgrammar lets a string with a length bound hold raw control characters, which JSON forbids (a byte-fallback
+# vocabulary can write them): the bounded strings' character class, and the one JSON allows.
+_BOUNDED_STRING_CHARACTER = '[^\\"\\\\\\r\\n]'
+_JSON_STRING_CHARACTER = '[^\\0-\\x1f\\"\\\\]'
+
+
+def _json_schema(schema: dict):
+    """xgrammar's grammar of ``schema`` (no free whitespace), its strings free of raw control characters."""
+    import xgrammar as xgr
+
+    # No free whitespace: a weak model can otherwise spend its whole budget on spaces.
+    text = str(xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False))
+    return xgr.Grammar.from_ebnf(text.replace(_BOUNDED_STRING_CHARACTER, _JSON_STRING_CHARACTER))
+
+
 def _literal(text: str):
     import xgrammar as xgr
 
@@ -70,7 +86,7 @@ def _python_value(schema: dict):
     """A Python literal matching ``schema``: xgrammar's JSON grammar with JSON's literals spelled as Python's."""
     import xgrammar as xgr
 
-    text = str(xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False))
+    text = str(_json_schema(schema))
     if _SLASH_ESCAPE not in text:  # the rewrite below must find xgrammar's JSON string escapes as they are
         raise GlmtuneError("this xgrammar version writes JSON strings differently; ChatGLM3 calls cannot be forced")
     text = _JSON_LITERALS.sub(lambda match: _PYTHON_LITERALS[match[1]], text)
@@ -159,13 +175,7 @@ class Constraints:
         return self._processor(self.compiler.compile_grammar(self._answer_start(xgr.Grammar.builtin_json_grammar())))
 
     def json_schema(self, schema: dict) -> GrammarProcessor:
-        import xgrammar as xgr
-
-        # No free whitespace: a weak model can otherwise spend its whole budget on spaces.
-        if not self.sentencepiece:
-            return self._processor(self.compiler.compile_json_schema(json.dumps(schema), any_whitespace=False))
-        grammar = xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False)
-        return self._processor(self.compiler.compile_grammar(self._answer_start(grammar)))
+        return self._processor(self.compiler.compile_grammar(self._answer_start(_json_schema(schema))))
 
     def _call(self, function: dict):
         """One call of ``function`` in this model's tool syntax."""
@@ -176,7 +186,7 @@ class Constraints:
             space = xgr.Grammar.from_ebnf('root ::= " "?')  # the space piece each encoded text starts with
             return xgr.Grammar.concat(space, _literal(f"{name}\n"), space, _literal(f"{CODE_OPEN}{CALL_FUNCTION}("),
                                       _python_keywords(name, schema), _literal(f"){CODE_CLOSE}"))
-        arguments = xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False)
+        arguments = _json_schema(schema)
         if self.syntax == GLM4:
             return xgr.Grammar.concat(_literal(f"{name}\n"), arguments)
         return xgr.Grammar.concat(_literal(_call_begin(name)), arguments, _literal(_CALL_END))

@@ -452,9 +452,10 @@ class Engine:
 
     def _generate_whole(self, model: nn.Module, job: Job) -> None:
         """Native ChatGLM models generate with their own masks, so their answer comes in one piece. A prompt in
-        ChatGLM3's role format (it ends in <|assistant|>) also stops at the role tokens that end a turn."""
+        ChatGLM3's role format (it ends in <|assistant|>) also stops at the role tokens that end a turn, and so
+        does a constrained answer: its grammar ends at any of them."""
         role_format = bool(self._turn_end_ids) and job.prompt_ids[-1] == self.tokenizer.special_token_ids["<|assistant|>"]
-        stops = self.tool_stop_ids if role_format else self.stop_ids
+        stops = self.tool_stop_ids if role_format or job.settings.logits_processor is not None else self.stop_ids
         generator = torch.Generator().manual_seed(job.settings.seed)  # as generate_texts seeds native ChatGLM
         [tokens] = generate_chatglm(model, self.tokenizer, [job.prompt_ids], stops, job.settings, generator)
         answer = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
