@@ -183,3 +183,28 @@ def test_glm4_forced_calls_are_written_and_read_in_glm4s_syntax(glm4_engine):
                                                                 logits_processor=constraints.one_call(FUNCTIONS))))
     name, arguments = raw.split("\n", 1)
     assert name in SCHEMAS and json.loads(arguments) is not None, raw
+
+
+def test_auto_is_unconstrained_and_a_random_answer_stays_text(client, chatglm3_engine):
+    reply = client.chat.completions.create(model=chatglm3_engine.name, messages=ASK, tools=TOOLS, max_tokens=8)
+    assert reply.choices[0].message.tool_calls is None and reply.choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_chatglm3_call_ends_at_observation(chatglm3_engine):
+    """The per-request logits processor reaches native ChatGLM's generate (none before the first token), and a
+    ChatGLM3 role-format answer stops at <|observation|>, as ChatGLM3's chat() does."""
+    engine = chatglm3_engine
+    letter, observation = engine.tokenizer.sp.piece_to_id("x"), engine.tokenizer.special_token_ids["<|observation|>"]
+    seen = []
+
+    def force(previous, logits):
+        seen.append(None if previous is None else int(previous[0]))
+        forced = logits.new_full(logits.shape, float("-inf"))
+        forced[:, letter if previous is None else observation] = 0
+        return forced
+
+    conversation = Conversation([Turn(ASK[0]["content"], "")], tools=FUNCTIONS)
+    [prompt] = build_prompts([conversation], engine.tokenizer, engine.bundle.template, 1 << 30)
+    assert prompt[-1] == engine.tokenizer.special_token_ids["<|assistant|>"]
+    assert "".join(engine.stream(prompt, engine.default_settings(max_new_tokens=20, logits_processor=force))) == "x"
+    assert seen == [None, letter]
