@@ -1,7 +1,9 @@
 """THUDM's tool formats: ChatGLM3's for native ChatGLM2/3 (rendered token by token, read back safely, trained with
 loss on the assistant's messages only) and GLM-4's ``name\\n{json}`` answers."""
 
+import dataclasses
 import json
+import string
 import sys
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from glmtune.data.tools_chatglm import python_arguments, read_python_arguments
 from glmtune.errors import GlmtuneError
 from glmtune.models.loading import load_tokenizer
 from glmtune.recipes.train import run_train
-from tiny_models import build_chatglm3_folder
+from tiny_models import GLM4_CHAT_TOOL_TEMPLATE, build_chatglm3_folder, build_glm_tokenizer
 
 FUNCTION = {"name": "get_weather", "description": "Weather of a city",
             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
@@ -199,3 +201,25 @@ def test_chatglm_v1_has_no_tool_format(tmp_path):
     [conversation] = read(tmp_path, [RECORD])
     with pytest.raises(GlmtuneError, match="role tokens"):
         encode_conversation(conversation, v1, get_template("auto", v1), 512, 512)
+
+
+def test_glm4_chat_templates_get_calls_and_results_in_their_own_message_shape(tmp_path):
+    from glmtune.data.templates import ChatTemplate
+    tokenizer = build_glm_tokenizer(string.printable)
+    tokenizer.chat_template = GLM4_CHAT_TOOL_TEMPLATE
+    [conversation] = read(tmp_path, [RECORD])
+    template = get_template("auto", tokenizer)
+    assert isinstance(template, ChatTemplate) and template.metadata_calls and template.message_tools
+    messages = [
+        {"role": "system", "content": "be brief", "tools": [{"type": "function", "function": FUNCTION}]},
+        {"role": "user", "content": "weather in Paris?"},
+        {"role": "assistant", "metadata": "get_weather", "content": '{"city": "Paris"}'},
+        {"role": "observation", "content": '{"temp": 21}'},
+        {"role": "assistant", "content": "It is 21 degrees."},
+    ]
+    segments = template.segments(conversation)
+    assert "".join(s.prompt + s.answer for s in segments) == tokenizer.apply_chat_template(messages, tokenize=False)
+    assert [s.answer for s in segments] == ['get_weather\n{"city": "Paris"}', "\nIt is 21 degrees."]
+    prompt = template.generation_prompt(dataclasses.replace(conversation, turns=conversation.turns[:1]))
+    assert prompt == tokenizer.apply_chat_template(messages[:2], tokenize=False, add_generation_prompt=True)
+    assert "## get_weather" in prompt

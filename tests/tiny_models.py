@@ -78,6 +78,29 @@ GLM4_CHAT_TEMPLATE = (
 )
 
 
+# A GLM-4 template that takes OpenAI's `tool_calls` and `tool` messages (written for the tests): a call as
+# `name\n{json}` after <|assistant|>, a result as an <|observation|> message.
+GLM4_TOOL_CALLS_TEMPLATE = (
+    "[gMASK]<sop>{% if tools %}<|system|>\n# 可用工具{% for tool in tools %}\n\n## {{ tool.function.name }}\n\n"
+    "{{ tool.function | tojson }}{% endfor %}{% endif %}"
+    "{% for m in messages %}{% if m.role == 'assistant' %}<|assistant|>{% if m.tool_calls %}"
+    "{% for c in m.tool_calls %}{{ c.function.name }}\n{{ c.function.arguments | tojson }}{% endfor %}"
+    "{% else %}\n{{ m.content }}{% endif %}{% elif m.role == 'tool' %}<|observation|>\n{{ m.content }}"
+    "{% else %}<|{{ m.role }}|>\n{{ m.content }}{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+# glm-4-9b-chat's tool template, cut to function tools (written from THUDM's): the tools from a message's
+# `tools`, a call as an assistant message with the name as `metadata` and the JSON arguments as content, results
+# as `observation` messages.
+GLM4_CHAT_TOOL_TEMPLATE = (
+    "[gMASK]<sop>{% for item in messages %}{% if item['tools'] is defined %}<|system|>\n# 可用工具"
+    "{% set tools = item['tools'] %}{% for tool in tools %}{% if tool['type'] == 'function' %}\n\n"
+    "## {{ tool['function']['name'] }}\n\n{{ tool['function'] | tojson(indent=4) }}\n在调用上述函数时，请使用 Json "
+    "格式表示调用的参数。{% endif %}{% endfor %}{% endif %}{% if item['content'] %}<|{{ item['role'] }}|>"
+    "{{ item['metadata'] }}\n{{ item['content'] }}{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
 def build_glm_tokenizer(extra_text: str = "") -> PreTrainedTokenizerFast:
     """The character tokenizer with GLM-4's special tokens, chat template and [gMASK]<sop> text start."""
     tokenizer = build_tokenizer(corpus_texts() + [extra_text])

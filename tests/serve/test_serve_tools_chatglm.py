@@ -20,20 +20,9 @@ from glmtune.serve.constraints import Constraints
 from glmtune.serve.engine import Engine
 from serve_helpers import running_server
 from test_serve_tools import ASK, SCHEMAS, TOOLS, WEATHER, check_call
-from tiny_models import build_chatglm3_folder, build_glm_folder
+from tiny_models import GLM4_CHAT_TOOL_TEMPLATE, GLM4_TOOL_CALLS_TEMPLATE, build_chatglm3_folder, build_glm_folder
 
 FUNCTIONS = [tool["function"] for tool in TOOLS]
-# A GLM-4-0414-style template with tools (written for this test): calls as `name\n{json}` after <|assistant|>.
-GLM4_TOOL_TEMPLATE = (
-    "[gMASK]<sop>{% if tools %}<|system|>\n# 可用工具{% for tool in tools %}\n\n## {{ tool.function.name }}\n\n"
-    "{{ tool.function | tojson }}{% endfor %}{% endif %}"
-    "{% for m in messages %}{% if m.role == 'assistant' %}<|assistant|>{% if m.tool_calls %}"
-    "{% for c in m.tool_calls %}{{ c.function.name }}\n{{ c.function.arguments | tojson }}{% endfor %}"
-    "{% else %}\n{{ m.content }}{% endif %}{% elif m.role == 'tool' %}<|observation|>\n{{ m.content }}"
-    "{% else %}<|{{ m.role }}|>\n{{ m.content }}{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-
-
 @pytest.fixture(scope="module")
 def chatglm3_engine(tmp_path_factory):
     folder = build_chatglm3_folder(tmp_path_factory.mktemp("chatglm3") / "model")
@@ -150,10 +139,10 @@ def test_chatglm_v1_answers_400_naming_tools(tmp_path, monkeypatch):
         engine.close()
 
 
-@pytest.fixture(scope="module")
-def glm4_engine(tmp_path_factory):
+@pytest.fixture(scope="module", params=[GLM4_TOOL_CALLS_TEMPLATE, GLM4_CHAT_TOOL_TEMPLATE], ids=["tool_calls", "metadata"])
+def glm4_engine(request, tmp_path_factory):
     folder = build_glm_folder(tmp_path_factory.mktemp("glm4-tools") / "model", "glm4", extra_text=string.printable,
-                              chat_template=GLM4_TOOL_TEMPLATE, context=4096)
+                              chat_template=request.param, context=4096)
     engine = Engine.from_config(GlmtuneConfig(model_name_or_path=str(folder), max_new_tokens=200))
     yield engine
     engine.close()

@@ -8,6 +8,8 @@ into the prompt of the next turn that does, so ``train_on=last`` gives one promp
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 from dataclasses import dataclass
 
 from glmtune.data import tools
@@ -91,6 +93,12 @@ class ChatTemplate(Template):
         self.tokenizer = tokenizer
         self.render_options = render_options or {}  # extra variables for the template, e.g. enable_thinking
         self.native_tools = tools.template_supports_tools(tokenizer)
+        text = tools.chat_template_text(tokenizer)
+        # GLM-4's templates take a call as an assistant message whose ``metadata`` is the function name and whose
+        # content is the JSON arguments, and a result as an ``observation`` message; glm-4-9b-chat's reads the tools
+        # from a message's ``tools`` rather than from ``tools=``.
+        self.metadata_calls = self.native_tools and "metadata" in text
+        self.message_tools = self.metadata_calls and re.search(r"\[\s*['\"]tools['\"]\s*\]", text) is not None
         self._tools: list[dict] | None = None
         self.answer_has_end_marker = self._closes_answers()
 
@@ -113,12 +121,22 @@ class ChatTemplate(Template):
         """The system message; tools go to the template itself, or into the system text (the fallback)."""
         self._tools = conversation.tools
         system = conversation.system if self.native_tools else tools.system_text(conversation.system, self._tools or [])
+        if self.message_tools and self._tools:
+            return [{"role": "system", "content": system or "", "tools": tools.openai_tools(self._tools)}]
         return [{"role": "system", "content": system}] if system else []
 
     def _query_messages(self, turn: Turn) -> list[dict]:
         if turn.observations and self.native_tools:
-            return [{"role": "tool", "content": result} for result in turn.observations]
+            role = "observation" if self.metadata_calls else "tool"
+            return [{"role": role, "content": result} for result in turn.observations]
         return [{"role": "user", "content": query_text(turn)}]
+
+    def _answer_messages(self, turn: Turn) -> list[dict]:
+        if turn.calls and self.metadata_calls:
+            words = [{"role": "assistant", "content": turn.answer}] if turn.answer else []
+            return words + [{"role": "assistant", "metadata": c.name, "content": json.dumps(c.arguments, ensure_ascii=False)}
+                            for c in turn.calls]
+        return [self._answer_message(turn)]
 
     def _answer_message(self, turn: Turn) -> dict:
         if turn.calls and self.native_tools:
@@ -135,7 +153,7 @@ class ChatTemplate(Template):
         for turn in conversation.turns:
             messages += self._query_messages(turn)
             with_prompt = self._render(messages, True) if turn.trains else ""
-            messages.append(self._answer_message(turn))
+            messages += self._answer_messages(turn)
             if not turn.trains:
                 continue
             full = self._render(messages, False)
@@ -148,7 +166,7 @@ class ChatTemplate(Template):
     def generation_prompt(self, conversation: Conversation) -> str:
         messages = self._system_messages(conversation)
         for turn in conversation.turns[:-1]:
-            messages += self._query_messages(turn) + [self._answer_message(turn)]
+            messages += self._query_messages(turn) + self._answer_messages(turn)
         messages += self._query_messages(conversation.turns[-1])
         return self._render(messages, True)
 

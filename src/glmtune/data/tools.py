@@ -83,12 +83,17 @@ def openai_tools(functions: list[dict]) -> list[dict]:
     return [{"type": "function", "function": function} for function in functions]
 
 
-def template_supports_tools(tokenizer) -> bool:
-    """Whether the tokenizer's chat template renders ``tools`` (a template that never reads it drops them)."""
+def chat_template_text(tokenizer) -> str:
+    """The text of the tokenizer's chat template that renders tools (its ``tool_use`` one when it has several)."""
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, dict):
         template = template.get("tool_use") or template.get("default")
-    return isinstance(template, str) and "tools" in template
+    return template if isinstance(template, str) else ""
+
+
+def template_supports_tools(tokenizer) -> bool:
+    """Whether the tokenizer's chat template renders ``tools`` (a template that never reads it drops them)."""
+    return "tools" in chat_template_text(tokenizer)
 
 
 def system_text(system: str | None, functions: list[dict]) -> str | None:

@@ -152,11 +152,12 @@ def _generate_chatglm(model, tokenizer, prompts, stop_ids, settings: GenerationS
     inputs = {k: v.to(device) for k, v in tokenizer.pad_ids(prompts).items()}
     processors = [_StepProcessor(settings.logits_processor, inputs["input_ids"].shape[1])] \
         if settings.logits_processor is not None else None
-    output = model.generate(**inputs, logits_processor=processors, max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample,
+    output = model.generate(**inputs, max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample,
                             top_p=settings.top_p, temperature=settings.temperature, eos_token_id=stop_ids,
                             top_k=settings.top_k, repetition_penalty=settings.repetition_penalty,
                             no_repeat_ngram_size=settings.no_repeat_ngram_size,
-                            pad_token_id=tokenizer.pad_token_id, generator=generator if device.type == "cpu" else None)
+                            pad_token_id=tokenizer.pad_token_id, generator=generator if device.type == "cpu" else None,
+                            logits_processor=processors)
     return _cut_at_stop(output[:, inputs["input_ids"].shape[1] :].tolist(), stop_ids)
 
 

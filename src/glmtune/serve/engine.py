@@ -25,12 +25,12 @@ from torch import nn
 from glmtune.config import GlmtuneConfig
 from glmtune.data.formats import Conversation, Turn
 from glmtune.data.preprocess import build_prompts, pad_id
-from glmtune.errors import GlmtuneError
-from glmtune.eval.decoding import (SlotDecoder, TokenHistory, choose_tokens, kv_bytes_per_position, needs_history,
-                                   sampling_noise)
 from glmtune.data.templates import ChatTemplate, NativeChatGLMTemplate, Template
 from glmtune.data.tools import FALLBACK
 from glmtune.data.tools_chatglm import CHATGLM3, GLM4, TURN_END_TOKENS, has_role_tokens
+from glmtune.errors import GlmtuneError
+from glmtune.eval.decoding import (SlotDecoder, TokenHistory, choose_tokens, kv_bytes_per_position, needs_history,
+                                   sampling_noise)
 from glmtune.eval.generation import GenerationSettings, stop_token_ids
 from glmtune.eval.generation import _generate_chatglm as generate_chatglm
 from glmtune.methods.ptuning import PrefixTuningModel
@@ -454,7 +454,8 @@ class Engine:
         """Native ChatGLM models generate with their own masks, so their answer comes in one piece. A prompt in
         ChatGLM3's role format (it ends in <|assistant|>) also stops at the role tokens that end a turn, and so
         does a constrained answer: its grammar ends at any of them."""
-        role_format = bool(self._turn_end_ids) and job.prompt_ids[-1] == self.tokenizer.special_token_ids["<|assistant|>"]
+        assistant = self.tokenizer.special_token_ids.get("<|assistant|>")
+        role_format = bool(self._turn_end_ids) and job.prompt_ids[-1] == assistant
         stops = self.tool_stop_ids if role_format or job.settings.logits_processor is not None else self.stop_ids
         generator = torch.Generator().manual_seed(job.settings.seed)  # as generate_texts seeds native ChatGLM
         [tokens] = generate_chatglm(model, self.tokenizer, [job.prompt_ids], stops, job.settings, generator)

@@ -129,7 +129,8 @@ class ChatGLMGenerationMixin:
         """Generate like the original's HF `generate()` (greedy or sampling; no beam search).
 
         Masks/positions are passed in the model's own format (see `forward`); `logits_processor` items are
-        called as Hugging Face's `LogitsProcessor`s before each pick; other Hugging Face generation arguments are ignored. Without `max_new_tokens`, `max_length` (prompt included) or
+        called as Hugging Face's `LogitsProcessor`s before each pick; other Hugging Face
+        generation arguments are ignored. Without `max_new_tokens`, `max_length` (prompt included) or
         else 20 new tokens is the limit. A row that emits an eos id is
         finished and gets `pad_token_id` afterwards; generation stops when every row is finished.
         Returns prompt + new tokens, or a `GenerationOutput` with the step logits when
