@@ -65,6 +65,25 @@ def test_the_grammar_writes_chatglm3s_python_call(chatglm3_engine):
     jsonschema.validate(call.arguments, SCHEMAS[call.name])
 
 
+@pytest.mark.parametrize("text, accepted", [
+    ("add\n ```python\ntool_call(a=1, b=2)\n```", True),
+    (" get_weather\n ```python\ntool_call(city='Paris', unit='celsius', days=2, alerts=True)\n```", True),  # as trained
+    ('get_weather\n```python\ntool_call(city="Paris", unit="fahrenheit", days=7)\n```', True),
+    ("add\n```python\ntool_call(a=1)\n```", False),  # b is required
+    ("add\n```python\ntool_call(a=100, b=1)\n```", False),  # above its maximum
+    ("get_weather\n```python\ntool_call(city='Paris', unit='kelvin', days=2)\n```", False),  # not in its enum
+    ("get_weather\n```python\ntool_call(city='Paris', unit='celsius', days=2, alerts=true)\n```", False),  # JSON's
+    ("add\n```python\ntool_call(a=1, b=2, c=3)\n```", False),  # no such argument
+    ('add\n{"a": 1, "b": 2}', False),  # GLM-4's syntax
+])
+def test_the_chatglm3_grammar_is_chatglm3s_call_syntax_and_the_schema(chatglm3_engine, text, accepted):
+    engine = chatglm3_engine
+    constraints = Constraints(engine.tokenizer, engine.model.config.vocab_size, engine.tool_stop_ids, "chatglm3")
+    matcher = constraints.one_call(FUNCTIONS).matcher
+    complete = matcher.accept_string(text) and matcher.accept_token(engine.tokenizer.special_token_ids["<|observation|>"])
+    assert complete == accepted
+
+
 def test_streamed_chatglm3_calls_reassemble_into_the_same_call(client, chatglm3_engine):
     request = dict(model=chatglm3_engine.name, messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=300,
                    seed=3)

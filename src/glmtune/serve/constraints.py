@@ -27,6 +27,7 @@ import torch
 from glmtune.data.tools import CALL_CLOSE, CALL_OPEN, FALLBACK
 from glmtune.data.tools_chatglm import CALL_FUNCTION, CHATGLM3, CODE_CLOSE, CODE_OPEN, GLM4
 from glmtune.errors import GlmtuneError
+from glmtune.models.chatglm import ChatGLM2Tokenizer
 
 
 def _call_begin(name: str) -> str:
@@ -59,6 +60,7 @@ class GrammarProcessor:
 _JSON_LITERALS = re.compile(r'(?<![\\\w])"(true|false|null)"')
 _PYTHON_LITERALS = {"true": '"True"', "false": '"False"', "null": '"None"'}
 _SLASH_ESCAPE = '[\\"\\\\/bfnrt]'
+_QUOTE = re.compile(r'(?<!\\)((?:\\\\)*)\\"')  # an escaped double quote in EBNF text (after an even run of \\)
 
 
 # xgrammar lets a string with a length bound hold raw control characters, which JSON forbids (a byte-fallback
@@ -83,14 +85,19 @@ def _literal(text: str):
 
 
 def _python_value(schema: dict):
-    """A Python literal matching ``schema``: xgrammar's JSON grammar with JSON's literals spelled as Python's."""
+    """A Python literal matching ``schema``: xgrammar's JSON grammar with JSON's literals spelled as Python's, its
+    strings in double quotes or (as Python's repr, and so ChatGLM3's training data, writes them) single quotes."""
     import xgrammar as xgr
 
     text = str(_json_schema(schema))
     if _SLASH_ESCAPE not in text:  # the rewrite below must find xgrammar's JSON string escapes as they are
         raise GlmtuneError("this xgrammar version writes JSON strings differently; ChatGLM3 calls cannot be forced")
     text = _JSON_LITERALS.sub(lambda match: _PYTHON_LITERALS[match[1]], text)
-    return xgr.Grammar.from_ebnf(text.replace(_SLASH_ESCAPE, _SLASH_ESCAPE.replace("/", "")))
+    double = text.replace(_SLASH_ESCAPE, _SLASH_ESCAPE.replace("/", ""))
+    if "'" in double:  # a value that holds a quote already (an enum, a pattern): double quotes only
+        return xgr.Grammar.from_ebnf(double)
+    single = _QUOTE.sub(lambda match: match[1] + "'", double)  # every unescaped \" of the EBNF text becomes '
+    return xgr.Grammar.union(xgr.Grammar.from_ebnf(double), xgr.Grammar.from_ebnf(single))
 
 
 def _python_keywords(name: str, schema: dict):
@@ -128,8 +135,8 @@ class Constraints:
 
     def __init__(self, tokenizer, vocab_size: int, stop_ids: list[int], syntax: str = FALLBACK):
         self.tokenizer, self.vocab_size, self.stop_ids, self.syntax = tokenizer, vocab_size, stop_ids, syntax
-        # A native ChatGLM tokenizer (SentencePiece alone) starts each encoded text with a space piece.
-        self.sentencepiece = hasattr(tokenizer, "sp") and not hasattr(tokenizer, "apply_chat_template")
+        # A native ChatGLM2/3 tokenizer is SentencePiece alone; it starts each encoded text with a space piece.
+        self.sentencepiece = isinstance(tokenizer, ChatGLM2Tokenizer)
         self._compiler = None
         self._lock = threading.Lock()
 
