@@ -17,6 +17,7 @@ import torch
 
 from glmtune.data.formats import Conversation
 from glmtune.data.templates import NativeChatGLMTemplate, Template
+from glmtune.data.tools_chatglm import chatglm3_ids, uses_tools
 from glmtune.errors import GlmtuneError
 
 logger = logging.getLogger(__name__)
@@ -106,6 +107,10 @@ def build_examples(
 
 def segment_lengths(conversation: Conversation, tokenizer, template: Template) -> list[tuple[int, int]]:
     """Untruncated (prompt, answer) token counts of each segment that carries loss, EOS in the answer."""
+    if isinstance(template, NativeChatGLMTemplate) and uses_tools(conversation):
+        _, labels = chatglm3_ids(tokenizer, conversation, with_last_answer=True)
+        answer = sum(label != IGNORE_INDEX for label in labels)
+        return [(len(labels) - answer, answer)]
     if isinstance(template, NativeChatGLMTemplate):
         # Upper bounds: the prompt with its special tokens; the answer with its two (<sop>/<eop> or eos).
         last = conversation.turns[-1]

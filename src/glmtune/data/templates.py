@@ -8,10 +8,13 @@ into the prompt of the next turn that does, so ``train_on=last`` gives one promp
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 from dataclasses import dataclass
 
 from glmtune.data import tools
 from glmtune.data.formats import Conversation, Turn
+from glmtune.data.tools_chatglm import chatglm3_ids, uses_tools
 from glmtune.errors import GlmtuneError
 
 
@@ -90,6 +93,12 @@ class ChatTemplate(Template):
         self.tokenizer = tokenizer
         self.render_options = render_options or {}  # extra variables for the template, e.g. enable_thinking
         self.native_tools = tools.template_supports_tools(tokenizer)
+        text = tools.chat_template_text(tokenizer)
+        # GLM-4's templates take a call as an assistant message whose ``metadata`` is the function name and whose
+        # content is the JSON arguments, and a result as an ``observation`` message; glm-4-9b-chat's reads the tools
+        # from a message's ``tools`` rather than from ``tools=``.
+        self.metadata_calls = self.native_tools and "metadata" in text
+        self.message_tools = self.metadata_calls and re.search(r"\[\s*['\"]tools['\"]\s*\]", text) is not None
         self._tools: list[dict] | None = None
         self.answer_has_end_marker = self._closes_answers()
 
@@ -112,12 +121,22 @@ class ChatTemplate(Template):
         """The system message; tools go to the template itself, or into the system text (the fallback)."""
         self._tools = conversation.tools
         system = conversation.system if self.native_tools else tools.system_text(conversation.system, self._tools or [])
+        if self.message_tools and self._tools:
+            return [{"role": "system", "content": system or "", "tools": tools.openai_tools(self._tools)}]
         return [{"role": "system", "content": system}] if system else []
 
     def _query_messages(self, turn: Turn) -> list[dict]:
         if turn.observations and self.native_tools:
-            return [{"role": "tool", "content": result} for result in turn.observations]
+            role = "observation" if self.metadata_calls else "tool"
+            return [{"role": role, "content": result} for result in turn.observations]
         return [{"role": "user", "content": query_text(turn)}]
+
+    def _answer_messages(self, turn: Turn) -> list[dict]:
+        if turn.calls and self.metadata_calls:
+            words = [{"role": "assistant", "content": turn.answer}] if turn.answer else []
+            return words + [{"role": "assistant", "metadata": c.name, "content": json.dumps(c.arguments, ensure_ascii=False)}
+                            for c in turn.calls]
+        return [self._answer_message(turn)]
 
     def _answer_message(self, turn: Turn) -> dict:
         if turn.calls and self.native_tools:
@@ -134,7 +153,7 @@ class ChatTemplate(Template):
         for turn in conversation.turns:
             messages += self._query_messages(turn)
             with_prompt = self._render(messages, True) if turn.trains else ""
-            messages.append(self._answer_message(turn))
+            messages += self._answer_messages(turn)
             if not turn.trains:
                 continue
             full = self._render(messages, False)
@@ -147,7 +166,7 @@ class ChatTemplate(Template):
     def generation_prompt(self, conversation: Conversation) -> str:
         messages = self._system_messages(conversation)
         for turn in conversation.turns[:-1]:
-            messages += self._query_messages(turn) + [self._answer_message(turn)]
+            messages += self._query_messages(turn) + self._answer_messages(turn)
         messages += self._query_messages(conversation.turns[-1])
         return self._render(messages, True)
 
@@ -157,6 +176,8 @@ class NativeChatGLMTemplate(Template):
 
     ChatGLM-6B: the query as is (``[Round i]`` rounds with history), then ``[gMASK] <sop>``;
     ChatGLM2/3-6B: ``[gMASK] sop`` then ``build_prompt``. Only the last answer carries loss, as in the seed.
+    A conversation with tools, calls or tool results is rendered in ChatGLM3's role format instead
+    (``data/tools_chatglm.py``), loss on every assistant message that trains, as in THUDM's ChatGLM3 fine-tuning.
     """
 
     def __init__(self, tokenizer):
@@ -174,21 +195,21 @@ class NativeChatGLMTemplate(Template):
     def encode_example(self, conversation: Conversation, max_source_length: int, max_target_length: int):
         from glmtune.models.chatglm import build_train_example
 
-        _refuse_tools(conversation)
+        if uses_tools(conversation):
+            ids, labels = chatglm3_ids(self.tokenizer, conversation, with_last_answer=True)
+            limit = max_source_length + max_target_length  # one sequence, cut at the end as THUDM's ChatGLM3 does
+            return ids[:limit], labels[:limit]
         last = conversation.turns[-1]
         return build_train_example(self.tokenizer, last.query, last.answer, max_source_length, max_target_length,
                                    self.history(conversation))
 
     def encode_prompt(self, conversation: Conversation, max_source_length: int) -> list[int]:
-        _refuse_tools(conversation)
+        if uses_tools(conversation):
+            ids, _ = chatglm3_ids(self.tokenizer, conversation, with_last_answer=False)
+            start = self.tokenizer.num_special_tokens  # keep [gMASK] sop, drop the oldest text
+            return ids if len(ids) <= max_source_length else ids[:start] + ids[len(ids) - max_source_length + start:]
         text = self.tokenizer.build_prompt(conversation.turns[-1].query, self.history(conversation))
         return self.tokenizer.encode(text, add_special_tokens=True, truncation=True, max_length=max_source_length)
-
-
-def _refuse_tools(conversation: Conversation) -> None:
-    if conversation.tools or any(turn.calls or turn.observations for turn in conversation.turns):
-        raise GlmtuneError(f"{conversation.source or 'a conversation'}: tool calls are not supported with the native "
-                           "ChatGLM prompt format yet; use --template chatglm (glmtune's fallback tool format)")
 
 
 def is_chatglm_tokenizer(tokenizer) -> bool:

@@ -12,7 +12,8 @@ Formats:
   in the answer and each result as ``<tool_response>\\n...\\n</tool_response>`` in the next query.
 
 Calls are read back in the same syntax (plus a bare ``{"name", "arguments"|"parameters"}`` object, as
-Llama 3 answers); constrained decoding in serve makes models write exactly this syntax.
+Llama 3 answers); constrained decoding in serve makes models write exactly this syntax. ChatGLM3's and GLM-4's
+own formats are in ``data/tools_chatglm.py``.
 """
 
 from __future__ import annotations
@@ -82,12 +83,17 @@ def openai_tools(functions: list[dict]) -> list[dict]:
     return [{"type": "function", "function": function} for function in functions]
 
 
-def template_supports_tools(tokenizer) -> bool:
-    """Whether the tokenizer's chat template renders ``tools`` (a template that never reads it drops them)."""
+def chat_template_text(tokenizer) -> str:
+    """The text of the tokenizer's chat template that renders tools (its ``tool_use`` one when it has several)."""
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, dict):
         template = template.get("tool_use") or template.get("default")
-    return isinstance(template, str) and "tools" in template
+    return template if isinstance(template, str) else ""
+
+
+def template_supports_tools(tokenizer) -> bool:
+    """Whether the tokenizer's chat template renders ``tools`` (a template that never reads it drops them)."""
+    return "tools" in chat_template_text(tokenizer)
 
 
 def system_text(system: str | None, functions: list[dict]) -> str | None:
@@ -197,9 +203,21 @@ class CallSplitter:
         return [rest] if rest else []
 
 
-def parse_answer(text: str, known: set[str] | None = None) -> tuple[str, list[ToolCall]]:
+FALLBACK = "fallback"
+
+
+def call_splitter(syntax: str, known: set[str] | None):
+    """The streaming reader of a tool syntax: ``fallback`` (this module's) or a THUDM one (``data/tools_chatglm.py``)."""
+    if syntax == FALLBACK:
+        return CallSplitter(known)
+    from glmtune.data.tools_chatglm import LeadingCallSplitter  # it builds on this module
+
+    return LeadingCallSplitter(syntax, known or set())
+
+
+def parse_answer(text: str, known: set[str] | None = None, syntax: str = FALLBACK) -> tuple[str, list[ToolCall]]:
     """(the text outside calls, the calls) of a whole answer."""
-    splitter = CallSplitter(known)
+    splitter = call_splitter(syntax, known)
     pieces = splitter.feed(text) + splitter.flush()
     calls = [piece for piece in pieces if isinstance(piece, ToolCall)]
     return "".join(piece for piece in pieces if isinstance(piece, str)).strip(), calls

@@ -135,6 +135,17 @@ def _cut_at_stop(rows: list[list[int]], stop_ids: list[int]) -> list[list[int]]:
     return result
 
 
+class _StepProcessor:
+    """``GenerationSettings.logits_processor`` in Hugging Face's ``LogitsProcessor`` shape ``(input_ids, scores)``:
+    the token picked last is the newest column of ``input_ids``, none before the first new token."""
+
+    def __init__(self, processor: Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor], prompt_length: int):
+        self.processor, self.prompt_length = processor, prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return self.processor(input_ids[:, -1] if input_ids.shape[1] > self.prompt_length else None, scores)
+
+
 @torch.no_grad()
 def _generate_chatglm(model, tokenizer, prompts, stop_ids, settings: GenerationSettings, generator) -> list[list[int]]:
     """Native ChatGLM models take the original's masks and positions, which their tokenizer builds."""
@@ -142,11 +153,14 @@ def _generate_chatglm(model, tokenizer, prompts, stop_ids, settings: GenerationS
         raise GlmtuneError("--num_beams > 1 is not supported for native ChatGLM models")
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in tokenizer.pad_ids(prompts).items()}
+    processors = [_StepProcessor(settings.logits_processor, inputs["input_ids"].shape[1])] \
+        if settings.logits_processor is not None else None
     output = model.generate(**inputs, max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample,
                             top_p=settings.top_p, temperature=settings.temperature, eos_token_id=stop_ids,
                             top_k=settings.top_k, repetition_penalty=settings.repetition_penalty,
                             no_repeat_ngram_size=settings.no_repeat_ngram_size,
-                            pad_token_id=tokenizer.pad_token_id, generator=generator if device.type == "cpu" else None)
+                            pad_token_id=tokenizer.pad_token_id, generator=generator if device.type == "cpu" else None,
+                            logits_processor=processors)
     return _cut_at_stop(output[:, inputs["input_ids"].shape[1] :].tolist(), stop_ids)
 
 

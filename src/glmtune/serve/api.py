@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from glmtune.config import GlmtuneConfig
 from glmtune.data.formats import Conversation, Turn
 from glmtune.data.preprocess import build_prompts
-from glmtune.data.tools import CallSplitter, ToolCall, parse_answer
+from glmtune.data.tools import FALLBACK, ToolCall, call_splitter, parse_answer
 from glmtune.errors import GlmtuneError
 from glmtune.eval.generation import GenerationSettings
 from glmtune.models.introspect import text_config
@@ -427,7 +427,8 @@ def create_app(engine: Engine, api_key: str | None = None, max_request_bytes: in
     # One thread tokenizes (and compiles grammars) off the event loop: a megabyte prompt takes seconds, and
     # a fast tokenizer must not be used from two threads at once ("Already borrowed").
     tokenizing = ThreadPoolExecutor(1, thread_name_prefix="glmtune-tokenize")
-    constraints = Constraints(engine.tokenizer, text_config(engine.model).vocab_size, engine.stop_ids)
+    syntax = engine.tool_syntax or FALLBACK
+    constraints = Constraints(engine.tokenizer, text_config(engine.model).vocab_size, engine.tool_stop_ids, syntax)
 
     async def off_loop(function, *args):
         try:
@@ -514,9 +515,10 @@ def create_app(engine: Engine, api_key: str | None = None, max_request_bytes: in
         if choice != "none" and not functions:
             raise ApiError(400, "tool_choice: needs tools", param="tool_choice")
         wanted = body.response_format.type if body.response_format else "text"
-        if engine.is_chatglm and (choice != "none" or wanted != "text"):
+        if engine.tool_syntax is None and (choice != "none" or wanted != "text"):
             param = "tools" if choice != "none" else "response_format"
-            raise ApiError(400, f"{param}: not supported with native ChatGLM models yet", param=param)
+            raise ApiError(400, f"{param}: not supported with ChatGLM-6B (v1): it has no tool format (its tokenizer "
+                                "has no role tokens) and glmtune cannot constrain its vocabulary", param=param)
         if wanted != "text" and choice != "none":
             raise ApiError(400, "response_format: not supported together with tools; send one or the other",
                            param="response_format")
@@ -550,10 +552,10 @@ def create_app(engine: Engine, api_key: str | None = None, max_request_bytes: in
                 plan.processor = constraints.json_object()
             elif wanted == "json_schema":
                 plan.processor = constraints.json_schema(body.response_format.json_schema.json_schema)
-        except GlmtuneError:
-            raise
+        except GlmtuneError as error:
+            raise ApiError(400, str(error), param=param) from None
         except Exception as error:  # xgrammar rejects a schema it cannot compile
-            raise GlmtuneError(f"{param}: the JSON schema cannot be used ({error})") from None
+            raise ApiError(400, f"{param}: the JSON schema cannot be used ({error})", param=param) from None
 
     def chat_prompt_ids(conversation: Conversation) -> list[int]:
         return build_prompts([conversation], engine.tokenizer, engine.bundle.template, max_source_length=1 << 30)[0]
@@ -588,7 +590,7 @@ def create_app(engine: Engine, api_key: str | None = None, max_request_bytes: in
         choice = {"index": 0, "logprobs": None}
         if not chat:
             choice["text"] = text
-        elif plan.known is not None and (parsed := parse_answer(text, plan.known))[1]:
+        elif plan.known is not None and (parsed := parse_answer(text, plan.known, syntax))[1]:
             content, calls = parsed
             choice["message"] = {"role": "assistant", "content": content or None,
                                  "tool_calls": [call.openai() for call in calls]}
@@ -602,7 +604,7 @@ def create_app(engine: Engine, api_key: str | None = None, max_request_bytes: in
     async def events(identity: dict, pieces: AsyncIterator[Piece], chat: bool, prompt: list[int], with_usage: bool,
                      known: set[str] | None, sources: list[dict] | None = None):
         kind = "chat.completion.chunk" if chat else "text_completion"
-        splitter = CallSplitter(known) if known is not None else None
+        splitter = call_splitter(syntax, known) if known is not None else None
         calls = 0
 
         def event(delta_or_text: dict | str, finish_reason: str | None = None) -> str:

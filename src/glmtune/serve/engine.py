@@ -25,10 +25,14 @@ from torch import nn
 from glmtune.config import GlmtuneConfig
 from glmtune.data.formats import Conversation, Turn
 from glmtune.data.preprocess import build_prompts, pad_id
+from glmtune.data.templates import ChatTemplate, NativeChatGLMTemplate, Template
+from glmtune.data.tools import FALLBACK
+from glmtune.data.tools_chatglm import CHATGLM3, GLM4, TURN_END_TOKENS, has_role_tokens
 from glmtune.errors import GlmtuneError
 from glmtune.eval.decoding import (SlotDecoder, TokenHistory, choose_tokens, kv_bytes_per_position, needs_history,
                                    sampling_noise)
-from glmtune.eval.generation import GenerationSettings, generate_texts, stop_token_ids
+from glmtune.eval.generation import GenerationSettings, stop_token_ids
+from glmtune.eval.generation import _generate_chatglm as generate_chatglm
 from glmtune.methods.ptuning import PrefixTuningModel
 from glmtune.models.introspect import parameter_dtype, text_config
 from glmtune.recipes.common import ModelBundle, load_base, load_for_inference, trained_weights_folder
@@ -113,6 +117,24 @@ class IncrementalDecoder:
         return piece
 
 
+GLM4_MODEL_TYPES = ("glm", "glm4")
+
+
+def tool_syntax(template: Template, tokenizer, model_type: str | None) -> str | None:
+    """The tool format of a model as glmtune serves it: ChatGLM3's for native ChatGLM2/3 (the role-token format),
+    GLM-4's where GLM-4's own chat template renders the tools, else glmtune's fallback; None for ChatGLM-6B (v1),
+    which has no tool format (no role tokens) and whose vocabulary xgrammar is not given."""
+    from glmtune.models.chatglm import ChatGLMTokenizer
+
+    if isinstance(tokenizer, ChatGLMTokenizer):
+        return None
+    if isinstance(template, NativeChatGLMTemplate):
+        return CHATGLM3 if has_role_tokens(tokenizer) else None
+    if isinstance(template, ChatTemplate) and template.native_tools and model_type in GLM4_MODEL_TYPES:
+        return GLM4
+    return FALLBACK
+
+
 def context_length(model: nn.Module) -> int:
     config = text_config(model)
     for name in ("max_position_embeddings", "seq_length", "n_positions"):
@@ -142,6 +164,11 @@ class Engine:
         self.tokenizer = bundle.tokenizer
         self.is_chatglm = getattr(self.model.config, "model_type", None) == "chatglm"
         self.stop_ids = stop_token_ids(self.model, self.tokenizer)
+        self.tool_syntax = tool_syntax(bundle.template, self.tokenizer, text_config(self.model).model_type)
+        # ChatGLM3's role format ends a call at <|observation|> and an answer at <|user|> (as its chat() stops).
+        self._turn_end_ids = ([self.tokenizer.special_token_ids[t] for t in TURN_END_TOKENS]
+                              if self.tool_syntax == CHATGLM3 else [])
+        self.tool_stop_ids = sorted({*self.stop_ids, *self._turn_end_ids})
         self.context_length = min(context_length(self.model), MAX_CACHE_POSITIONS)
         self._base_copy: nn.Module | None = None
         self._pending: deque[Job] = deque()
@@ -424,10 +451,16 @@ class Engine:
         self._finished(row.job)
 
     def _generate_whole(self, model: nn.Module, job: Job) -> None:
-        """Native ChatGLM models generate with their own masks, so their answer comes in one piece."""
-        [answer], _ = generate_texts(model, self.tokenizer, [job.prompt_ids], job.settings, batch_size=1,
-                                     show_progress=False)
-        job.completion_tokens = len(self.tokenizer(answer, add_special_tokens=False)["input_ids"])
+        """Native ChatGLM models generate with their own masks, so their answer comes in one piece. A prompt in
+        ChatGLM3's role format (it ends in <|assistant|>) also stops at the role tokens that end a turn, and so
+        does a constrained answer: its grammar ends at any of them."""
+        assistant = self.tokenizer.special_token_ids.get("<|assistant|>")
+        role_format = bool(self._turn_end_ids) and job.prompt_ids[-1] == assistant
+        stops = self.tool_stop_ids if role_format or job.settings.logits_processor is not None else self.stop_ids
+        generator = torch.Generator().manual_seed(job.settings.seed)  # as generate_texts seeds native ChatGLM
+        [tokens] = generate_chatglm(model, self.tokenizer, [job.prompt_ids], stops, job.settings, generator)
+        answer = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        job.completion_tokens = len(tokens)
         reason = "length" if job.completion_tokens >= job.settings.max_new_tokens else "stop"
         job.deliver(Output(answer, finish_reason=reason))
         self._finished(job)

@@ -123,11 +123,13 @@ class ChatGLMGenerationMixin:
         generator: torch.Generator | None = None,
         output_logits: bool = False,
         return_dict_in_generate: bool = False,
+        logits_processor: list | None = None,
         **ignored,
     ) -> torch.Tensor | GenerationOutput:
         """Generate like the original's HF `generate()` (greedy or sampling; no beam search).
 
-        Masks/positions are passed in the model's own format (see `forward`); other Hugging Face
+        Masks/positions are passed in the model's own format (see `forward`); `logits_processor` items are
+        called as Hugging Face's `LogitsProcessor`s before each pick; other Hugging Face
         generation arguments are ignored. Without `max_new_tokens`, `max_length` (prompt included) or
         else 20 new tokens is the limit. A row that emits an eos id is
         finished and gets `pad_token_id` afterwards; generation stops when every row is finished.
@@ -154,6 +156,8 @@ class ChatGLMGenerationMixin:
             logits = out.logits[:, -1, :]
             if output_logits:
                 step_logits.append(logits)
+            for process in logits_processor or []:  # Hugging Face's LogitsProcessor call: (input_ids, scores)
+                logits = process(sequences, logits)
             next_tokens = sample_next_token(logits, do_sample, temperature, top_k, top_p, generator)
             if eos_ids:
                 next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad_token_id))
