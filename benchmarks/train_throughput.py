@@ -278,7 +278,7 @@ def _measure(run: str, args, device: str, data: list, extra: dict) -> dict:
             if flag.startswith("ckpt") and flag != "ckpt":  # +ckptN: checkpoint only the first N layers
                 run_extra.update(gradient_checkpointing=True, gradient_checkpointing_layers=int(flag[4:]))
         run_extra["lora_dropout"] = 0.0 if "nodrop" in flags else 0.1
-        profile_to = Path(os.environ.get("OUT", "benchmarks/results")) / f"profile_{run}.txt" if args.profile else None
+        profile_to = Path(os.environ.get("OUT", "benchmarks/results")) / f"profile_{run.replace('+', '_')}.txt" if args.profile else None
         native = name == "chatglm6b-ptuning"
         if native:
             from quantization_memory import build

@@ -104,3 +104,31 @@ def test_decode_attention_equals_masked_sdpa_with_grouped_heads(kv_heads):
     expected = torch.nn.functional.scaled_dot_product_attention(query, *expanded, attn_mask=mask, scale=0.3)
     assert ours.shape == (rows, 1, heads, head_dim)
     torch.testing.assert_close(ours, expected.transpose(1, 2), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_decode_attention_reads_a_shared_prefix_as_if_every_row_held_it(kv_heads):
+    from glmtune.eval.decoding import SHARED_PREFIX, decode_attention
+
+    torch.manual_seed(0)
+    rows, heads, prefix, visible, head_dim = 3, 4, 5, 7, 8
+    query = torch.randn(rows, heads, 1, head_dim)
+    key, value = torch.randn(2, rows, kv_heads, visible, head_dim)
+    shared = tuple(torch.randn(1, kv_heads, prefix, head_dim) for _ in range(2))
+    mask = torch.rand(rows, 1, 1, prefix + visible) > 0.3
+    mask[..., :prefix] = True
+    mask[..., -1] = True
+    module = torch.nn.Module()
+    module.num_key_value_groups = heads // kv_heads
+    setattr(module, SHARED_PREFIX, shared)
+    ours, _ = decode_attention(module, query, key, value, mask, scaling=0.3)
+    whole = [torch.cat([p.expand(rows, -1, -1, -1), t], dim=2).repeat_interleave(heads // kv_heads, dim=1)
+             for p, t in zip(shared, (key, value))]
+    expected = torch.nn.functional.scaled_dot_product_attention(query, *whole, attn_mask=mask, scale=0.3)
+    torch.testing.assert_close(ours, expected.transpose(1, 2), atol=1e-6, rtol=1e-5)
+    # what SDPA gets when decode_attention hands a call on (here: a query of two positions)
+    two = torch.randn(rows, heads, 2, head_dim)
+    mask2 = mask.expand(rows, 1, 2, prefix + visible)
+    handed_on, _ = decode_attention(module, two, key, value, mask2, scaling=0.3)
+    expected2 = torch.nn.functional.scaled_dot_product_attention(two, *whole, attn_mask=mask2, scale=0.3)
+    torch.testing.assert_close(handed_on, expected2.transpose(1, 2), atol=1e-6, rtol=1e-5)

@@ -106,3 +106,13 @@ def test_compiled_layers_share_one_graph_with_the_prefix():
     assert counters["frames"]["total"] <= 4
     assert not counters["graph_break"]
     torch._dynamo.reset()
+
+
+def test_decode_steps_read_the_prefix_once_for_all_rows(tiny_model):
+    """Every layer's attention module is found, so decode steps take the shared-prefix path (not the per-row copies)."""
+    from glmtune.eval.decoding import SlotDecoder
+
+    model = prefixed_model(tiny_model, projection=False).eval()
+    decoder = SlotDecoder(model, 2, 16)
+    layers = model.base_model.config.num_hidden_layers
+    assert [m.layer_idx for m in decoder._attention_modules] == list(range(layers))

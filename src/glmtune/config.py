@@ -261,7 +261,7 @@ class GenerationConfig:
     )
     compile_generation: bool = _help(
         "predict/compare on a GPU: decode steps through torch.compile (one compilation of about half a minute, "
-        "then faster steps: benchmarks/RESULTS.md).", default=False
+        "then faster steps; pays off for long runs only: benchmarks/RESULTS.md).", default=False
     )
 
 

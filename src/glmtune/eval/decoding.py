@@ -12,8 +12,9 @@ tokens sit in the cache does not change its result.
 Why our own loop and not ``model.generate``: the P-Tuning v2 prefix lives in the KV cache, which
 ``generate`` assumes belongs to tokens of ``input_ids``; ``generate`` cannot admit new rows into a
 running batch; and on the H200 its static cache needs a 31 s ``torch.compile`` warm-up per batch
-shape. Here the graphs replay eager kernels, so capturing one costs three forward passes
-(benchmarks/RESULTS.md compares both at the same batch size).
+shape. Here the graphs replay eager kernels, so capturing one costs three forward passes, and the whole
+predict job still runs 1.08x faster than ``generate`` with its compiled static cache at the same batch size
+(1.22x with ``--compile_generation``; benchmarks/RESULTS.md, issue 13 run 2).
 
 The attention mask is built from a preallocated ``valid`` table on the device and handed to the
 model as a finished 4D mask (transformers returns such masks as they are). Each query position also
@@ -71,19 +72,40 @@ def decode_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     cache at about 40% of the H200's bandwidth; these matmuls take 0.23 ms against its 0.43 ms per layer
     at 535 rows x 80 positions (benchmarks/generation_profile.py). Anything else goes to SDPA.
     """
+    prefix = getattr(module, SHARED_PREFIX, None)
     if (query.shape[2] != 1 or attention_mask is None or attention_mask.dtype != torch.bool
             or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None):
+        if prefix is not None:  # the rows' caches come without the prefix: put it back in front
+            key, value = (torch.cat([p.expand(key.shape[0], -1, -1, -1), t], dim=2) for p, t in zip(prefix, (key, value)))
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     rows, heads, _, head_dim = query.shape
     kv_heads = key.shape[1]
-    grouped = query.reshape(rows, kv_heads, heads // kv_heads, head_dim)
-    scores = torch.matmul(grouped, key.transpose(-1, -2)).float() * (head_dim**-0.5 if scaling is None else scaling)
+    groups = heads // kv_heads
+    grouped = query.reshape(rows, kv_heads, groups, head_dim)
+    scores = torch.matmul(grouped, key.transpose(-1, -2))
+    if prefix is not None:
+        # The P-Tuning v2 prefix is the same for every row: one matmul over it for all rows' queries (rows
+        # folded into the matrix dimension) reads it once per step instead of once per row.
+        prefix_keys, prefix_values = (t[0] for t in prefix)  # [kv_heads, prefix, head_dim]
+        by_head = grouped.transpose(0, 1).reshape(kv_heads, rows * groups, head_dim)
+        prefix_scores = torch.matmul(by_head, prefix_keys.transpose(-1, -2)).view(kv_heads, rows, groups, -1)
+        scores = torch.cat([prefix_scores.transpose(0, 1), scores], dim=-1)
+    scores = scores.float() * (head_dim**-0.5 if scaling is None else scaling)
     weights = scores.masked_fill_(~attention_mask, float("-inf")).softmax(-1).to(value.dtype)
-    return torch.matmul(weights, value).reshape(rows, 1, heads, value.shape[-1]), None
+    if prefix is None:
+        return torch.matmul(weights, value).reshape(rows, 1, heads, value.shape[-1]), None
+    length = prefix_keys.shape[1]
+    output = torch.matmul(weights[..., length:], value)
+    prefix_weights = weights[..., :length].transpose(0, 1).reshape(kv_heads, rows * groups, length)
+    output += torch.matmul(prefix_weights, prefix_values).view(kv_heads, rows, groups, -1).transpose(0, 1)
+    return output.reshape(rows, 1, heads, value.shape[-1]), None
 
 
 DECODE_ATTENTION = "glmtune_decode"
 AttentionInterface.register(DECODE_ATTENTION, decode_attention)
+# The attribute of an attention module that holds its layer's P-Tuning v2 prefix ``(keys, values)``,
+# ``[1, kv_heads, prefix, head_dim]`` each, while a decode step runs with the prefix kept apart.
+SHARED_PREFIX = "_glmtune_shared_prefix"
 
 
 @contextlib.contextmanager
@@ -94,6 +116,22 @@ def _attention_implementation(config, name: str):
         yield
     finally:
         config._attn_implementation = previous
+
+
+@contextlib.contextmanager
+def _shared_prefix(modules: list[nn.Module], layers: list[_SlotLayer]):
+    for module in modules:
+        setattr(module, SHARED_PREFIX, layers[module.layer_idx].prefix)
+    try:
+        yield
+    finally:
+        for module in modules:
+            delattr(module, SHARED_PREFIX)
+
+
+def _attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The attention module of each layer (transformers' ``…Attention`` classes carry their ``layer_idx``)."""
+    return [m for m in model.modules() if type(m).__name__.endswith("Attention") and isinstance(getattr(m, "layer_idx", None), int)]
 
 
 def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
@@ -114,15 +152,17 @@ class _SlotLayer:
         self.index = index
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
+        self.prefix: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _allocate(self, like: torch.Tensor, cache: SlotCache) -> None:
         shape = (cache.slots, like.shape[1], cache.capacity, like.shape[3])
         self.keys = torch.zeros(shape, dtype=like.dtype, device=like.device)
         self.values = torch.zeros(shape, dtype=like.dtype, device=like.device)
         if cache.prefix is not None:
-            keys, values = cache.prefix[self.index]
-            self.keys[:, :, : keys.shape[2]] = keys.to(like.dtype)
-            self.values[:, :, : values.shape[2]] = values.to(like.dtype)
+            self.prefix = tuple(t.to(like.dtype).contiguous() for t in cache.prefix[self.index])
+            keys, values = self.prefix
+            self.keys[:, :, : keys.shape[2]] = keys
+            self.values[:, :, : values.shape[2]] = values
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, cache: SlotCache):
         if self.keys is None:
@@ -131,7 +171,8 @@ class _SlotLayer:
             keys, values = self.keys[: cache.active], self.values[: cache.active]
             keys.index_copy_(2, cache.write_at, key_states)
             values.index_copy_(2, cache.write_at, value_states)
-            return keys[:, :, : cache.visible], values[:, :, : cache.visible]
+            start = cache.prefix_apart  # 0, or the prefix length when attention reads the prefix once (SHARED_PREFIX)
+            return keys[:, :, start : cache.visible], values[:, :, start : cache.visible]
         if isinstance(cache.rows, slice):  # a block of rows: plain copies instead of scatter and gather
             self.keys[cache.rows, :, cache.write_slots].copy_(key_states)
             self.values[cache.rows, :, cache.write_slots].copy_(value_states)
@@ -162,6 +203,7 @@ class SlotCache:
         self.write_slots: torch.Tensor | slice | None = None
         self.active = slots
         self.visible = capacity
+        self.prefix_apart = 0
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         return self.layers[layer_idx].update(key_states, value_states, self)
@@ -181,6 +223,7 @@ class SlotDecoder:
         self.prefix_length = prefix_model.pre_seq_len if prefix_model else 0
         self.slots, self.capacity = slots, self.prefix_length + capacity
         self.cache_argument = cache_argument_name(inner)
+        self._attention_modules = _attention_modules(inner) if self.prefix_length else []
         self.head = inner.get_output_embeddings()
         with torch.no_grad():
             prefix = [tuple(t.detach() for t in kv) for kv in prefix_model.prefix_key_values(1)] if prefix_model else None
@@ -192,8 +235,8 @@ class SlotDecoder:
         if use_graphs is None:  # GLMTUNE_CUDA_GRAPHS=0: eager decode steps, to compare (benchmarks/)
             use_graphs = self.device.type == "cuda" and os.environ.get("GLMTUNE_CUDA_GRAPHS", "1") != "0"
         self.use_graphs = use_graphs
-        # Compiled steps fuse the norms, rotary and activations (4 of the 29 ms of a step at 535 rows) but
-        # each new shape costs a compilation (33 s on the H200): they attend over the whole cache, one shape.
+        # Compiled steps fuse the norms, rotary and activations (23 instead of 28 ms a step at 535 rows on the
+        # H200) but each new shape costs a compilation (about 26 s): they attend over the whole cache, one shape.
         self.compiled = compile_steps
         self._step_forward = torch.compile(self._forward, dynamic=False) if compile_steps else self._forward
         self.valid = torch.ones(slots, self.capacity, dtype=torch.bool, device=self.device)
@@ -281,9 +324,16 @@ class SlotDecoder:
         cache = self.cache
         cache.active, cache.visible = active, visible
         mask = self._mask(cache.write_at, self.valid[:active], visible)
-        attention = DECODE_ATTENTION if self.attention == "sdpa" else self.attention
-        with _attention_implementation(self.config, attention):
+        if self.attention != "sdpa":  # eager attention: the model's own, over the whole cache
             return self._step_forward(self.tokens[:active], self.positions[:active, None], mask)
+        prefix_apart = bool(self.prefix_length) and len(self._attention_modules) == len(cache.layers)
+        shared = _shared_prefix(self._attention_modules, cache.layers) if prefix_apart else contextlib.nullcontext()
+        cache.prefix_apart = self.prefix_length if prefix_apart else 0
+        try:
+            with _attention_implementation(self.config, DECODE_ATTENTION), shared:
+                return self._step_forward(self.tokens[:active], self.positions[:active, None], mask)
+        finally:
+            cache.prefix_apart = 0
 
     def _graph(self, active: int, visible: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         key = (active, visible)

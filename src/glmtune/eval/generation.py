@@ -147,7 +147,8 @@ class _StepProcessor:
 
 
 @torch.no_grad()
-def _generate_chatglm(model, tokenizer, prompts, stop_ids, settings: GenerationSettings, generator) -> list[list[int]]:
+def generate_chatglm(model: nn.Module, tokenizer, prompts: list[list[int]], stop_ids: list[int],
+                     settings: GenerationSettings, generator: torch.Generator | None) -> list[list[int]]:
     """Native ChatGLM models take the original's masks and positions, which their tokenizer builds."""
     if settings.num_beams > 1:
         raise GlmtuneError("--num_beams > 1 is not supported for native ChatGLM models")
@@ -198,7 +199,7 @@ def generate_texts(
         generator = torch.Generator().manual_seed(settings.seed)
 
         def generate_rows(rows):
-            return _generate_chatglm(model, tokenizer, rows, stops, settings, generator)
+            return generate_chatglm(model, tokenizer, rows, stops, settings, generator)
     else:
         generator = sampling_generator(settings, device)
         # One decoder for every batch: its cache and graphs are made once.

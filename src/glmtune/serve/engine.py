@@ -31,8 +31,7 @@ from glmtune.data.tools_chatglm import CHATGLM3, GLM4, TURN_END_TOKENS, has_role
 from glmtune.errors import GlmtuneError
 from glmtune.eval.decoding import (SlotDecoder, TokenHistory, choose_tokens, kv_bytes_per_position, needs_history,
                                    sampling_noise)
-from glmtune.eval.generation import GenerationSettings, stop_token_ids
-from glmtune.eval.generation import _generate_chatglm as generate_chatglm
+from glmtune.eval.generation import GenerationSettings, generate_chatglm, stop_token_ids
 from glmtune.methods.ptuning import PrefixTuningModel
 from glmtune.models.introspect import parameter_dtype, text_config
 from glmtune.recipes.common import ModelBundle, load_base, load_for_inference, trained_weights_folder
