@@ -196,7 +196,6 @@ def main() -> None:
             ptuned.prefix_encoder.embedding.weight.normal_(0, 1)
         predict_row(f"glmtune_ptuning{args.pre_seq_len}", ptuned)
         attempt("compiled:glmtune_ptuning_compiled", lambda: compiled_row(f"glmtune_ptuning{args.pre_seq_len}_compiled", ptuned))
-        del ptuned
 
     def lora_rows(lora):
         predict_row("glmtune_lora", lora)

@@ -1,8 +1,6 @@
 """The engine behind chat, web and serve: streaming text, batching, base-vs-tuned, context limits."""
 
-import shutil
 import threading
-from pathlib import Path
 
 import pytest
 
@@ -103,20 +101,12 @@ def test_history_enters_the_prompt_and_old_turns_give_way(lora_engine):
         lora_engine.fitting_chat_prompt(history, QUERY, max_new_tokens=lora_engine.context_length)
 
 
-def test_native_chatglm_answers_in_one_piece(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "chatglm"))
-    from _chatglm_reference import AVAILABLE, SKIP_REASON, reference, write_model_folder
-
-    if not AVAILABLE:
-        pytest.skip(SKIP_REASON)
-    folder = write_model_folder(tmp_path / "chatglm2", "v2", prefix=None)
-    shutil.copy(reference("v2").sp_model, folder / "tokenizer.model")
-    engine = Engine.from_config(GlmtuneConfig(model_name_or_path=str(folder), max_new_tokens=8))
+def test_native_chatglm_answers_in_one_piece(native_chatglm_engine):
+    engine = native_chatglm_engine("v2", max_new_tokens=8)
     prompt = engine.chat_prompt([("你好", "你好！")], QUERY)
     settings = engine.default_settings()
     [expected], _ = generate_texts(engine.model, engine.tokenizer, [prompt], settings, show_progress=False)
     assert engine.is_chatglm and list(engine.stream(prompt, settings)) == [expected]
-    engine.close()
 
 
 @pytest.mark.xfail(reason="timing-dependent: under CPU load the long request can finish before the joiner arrives", strict=False)

@@ -3,9 +3,7 @@ ChatGLM3 (ChatGLM3's role format, calls forced in its Python syntax) and a tiny 
 
 import json
 import re
-import shutil
 import string
-from pathlib import Path
 
 import jsonschema
 import openai
@@ -137,25 +135,15 @@ def test_an_argument_that_cannot_be_a_keyword_is_a_400(client, chatglm3_engine):
     assert error.value.body["param"] == "tools" and "'from'" in error.value.body["message"]
 
 
-def test_chatglm_v1_answers_400_naming_tools(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "chatglm"))
-    from _chatglm_reference import AVAILABLE, SKIP_REASON, reference, write_model_folder
-
-    if not AVAILABLE:
-        pytest.skip(SKIP_REASON)
-    folder = write_model_folder(tmp_path / "chatglm-6b", "v1", prefix=None)
-    shutil.copy(reference("v1").sp_model, folder / "ice_text.model")
-    engine = Engine.from_config(GlmtuneConfig(model_name_or_path=str(folder), max_new_tokens=4))
-    try:
-        with running_server(create_app(engine)) as url:
-            v1 = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
-            with pytest.raises(openai.BadRequestError) as error:
-                v1.chat.completions.create(model=engine.name, messages=ASK, tools=TOOLS)
-            assert error.value.body["param"] == "tools" and "role tokens" in error.value.body["message"]
-            plain = v1.chat.completions.create(model=engine.name, messages=ASK, max_tokens=4)
-            assert plain.choices[0].finish_reason in ("stop", "length")
-    finally:
-        engine.close()
+def test_chatglm_v1_answers_400_naming_tools(native_chatglm_engine):
+    engine = native_chatglm_engine("v1", max_new_tokens=4)
+    with running_server(create_app(engine)) as url:
+        v1 = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
+        with pytest.raises(openai.BadRequestError) as error:
+            v1.chat.completions.create(model=engine.name, messages=ASK, tools=TOOLS)
+        assert error.value.body["param"] == "tools" and "role tokens" in error.value.body["message"]
+        plain = v1.chat.completions.create(model=engine.name, messages=ASK, max_tokens=4)
+        assert plain.choices[0].finish_reason in ("stop", "length")
 
 
 @pytest.fixture(scope="module", params=[GLM4_TOOL_CALLS_TEMPLATE, GLM4_CHAT_TOOL_TEMPLATE], ids=["tool_calls", "metadata"])
