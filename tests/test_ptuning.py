@@ -10,9 +10,9 @@ from glmtune.methods import get_method
 from glmtune.train.trainer import enable_gradient_checkpointing
 
 
-def prefixed_model(folder, projection: bool, seed: int = 0):
+def prefixed_model(folder, projection: bool, seed: int = 0, attention: str = "sdpa"):
     torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=attention)
     config = GlmtuneConfig(finetuning_type="ptuning", pre_seq_len=3, prefix_projection=projection, prefix_hidden_size=32)
     return get_method("ptuning").apply(base, config)
 
@@ -64,9 +64,11 @@ def test_prefix_changes_the_logits_and_generation_uses_it(tiny_model):
     assert base_token == [int(base_logits[0, -1].argmax())]
 
 
-def test_cached_generation_matches_full_recompute_with_prefix(tiny_model):
-    """Decoding step by step through the prefix cache equals re-running the whole sequence each time."""
-    model = prefixed_model(tiny_model, projection=True).eval()
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_cached_generation_matches_full_recompute_with_prefix(tiny_model, attention):
+    """Decoding step by step through the prefix cache equals re-running the whole sequence each time, with the
+    prefix read once for all rows (sdpa: decode_attention) or copied in front of the rows (eager attention)."""
+    model = prefixed_model(tiny_model, projection=True, attention=attention).eval()
     with torch.no_grad():
         model.prefix_encoder.embedding.weight.normal_(0, 2)
     prompt = [2, 10, 11, 12]
@@ -116,3 +118,8 @@ def test_decode_steps_read_the_prefix_once_for_all_rows(tiny_model):
     decoder = SlotDecoder(model, 2, 16)
     layers = model.base_model.config.num_hidden_layers
     assert [m.layer_idx for m in decoder._attention_modules] == list(range(layers))
+    decoder.position = decoder.prefix_length + 4
+    decoder.prefill([0, 1], [[2, 10, 11, 12], [2, 20]], 0)
+    keys = decoder.cache.layers[0].keys
+    assert keys.shape[0] == 2 and keys.shape[2] == 16  # the rows hold their own 16 positions; the prefix is stored once
+    assert decoder.cache.layers[0].prefix[0].shape[:1] == (1,)

@@ -1,8 +1,9 @@
 """The decoding core behind predict, compare, chat, web and serve: row slots in a preallocated KV cache.
 
 ``SlotDecoder`` holds, for a fixed number of rows ("slots"), keys and values for ``capacity`` token
-positions, allocated once, with the P-Tuning v2 prefix written into the first ``prefix_length``
-positions of every row. All rows write their next token at one shared position, so a decode step is
+positions, allocated once. A P-Tuning v2 prefix takes the first ``prefix_length`` positions of every
+row, but it is the same for all rows, so it is stored once, not per row: attention reads it once per
+step (``decode_attention``), and only a prefill or another attention gets it copied in front of the rows. All rows write their next token at one shared position, so a decode step is
 the same computation every time: on CUDA it is captured once as a CUDA graph per (rows in use, visible
 length) and replayed, with no host synchronisation and no per-step allocation. A row's prompt is
 written right-aligned to the shared position, which lets a new request join a running batch at the
@@ -155,32 +156,37 @@ class _SlotLayer:
         self.prefix: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _allocate(self, like: torch.Tensor, cache: SlotCache) -> None:
-        shape = (cache.slots, like.shape[1], cache.capacity, like.shape[3])
+        shape = (cache.slots, like.shape[1], cache.capacity - cache.prefix_length, like.shape[3])
         self.keys = torch.zeros(shape, dtype=like.dtype, device=like.device)
         self.values = torch.zeros(shape, dtype=like.dtype, device=like.device)
         if cache.prefix is not None:
             self.prefix = tuple(t.to(like.dtype).contiguous() for t in cache.prefix[self.index])
-            keys, values = self.prefix
-            self.keys[:, :, : keys.shape[2]] = keys
-            self.values[:, :, : values.shape[2]] = values
+
+    def _with_prefix(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows' keys and values with the prefix in front: a copy for the attention that needs them whole."""
+        if self.prefix is None:
+            return keys, values
+        return tuple(torch.cat([p.expand(t.shape[0], -1, -1, -1), t], dim=2) for p, t in zip(self.prefix, (keys, values)))
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, cache: SlotCache):
         if self.keys is None:
             self._allocate(key_states, cache)
         if cache.rows is None:  # a decode step: the first ``active`` slots write at the shared position
             keys, values = self.keys[: cache.active], self.values[: cache.active]
-            keys.index_copy_(2, cache.write_at, key_states)
-            values.index_copy_(2, cache.write_at, value_states)
-            start = cache.prefix_apart  # 0, or the prefix length when attention reads the prefix once (SHARED_PREFIX)
-            return keys[:, :, start : cache.visible], values[:, :, start : cache.visible]
+            keys.index_copy_(2, cache.write_slot, key_states)
+            values.index_copy_(2, cache.write_slot, value_states)
+            seen = cache.visible - cache.prefix_length
+            keys, values = keys[:, :, :seen], values[:, :, :seen]
+            return (keys, values) if cache.prefix_apart else self._with_prefix(keys, values)
+        seen = cache.visible - cache.prefix_length
         if isinstance(cache.rows, slice):  # a block of rows: plain copies instead of scatter and gather
             self.keys[cache.rows, :, cache.write_slots].copy_(key_states)
             self.values[cache.rows, :, cache.write_slots].copy_(value_states)
-            return self.keys[cache.rows, :, : cache.visible], self.values[cache.rows, :, : cache.visible]
+            return self._with_prefix(self.keys[cache.rows, :, :seen], self.values[cache.rows, :, :seen])
         rows, slots = cache.rows[:, None], cache.write_slots
         self.keys[rows, :, slots] = key_states.transpose(1, 2)
         self.values[rows, :, slots] = value_states.transpose(1, 2)
-        return self.keys[cache.rows, :, : cache.visible], self.values[cache.rows, :, : cache.visible]
+        return self._with_prefix(self.keys[cache.rows, :, :seen], self.values[cache.rows, :, :seen])
 
     def shift(self, start: int, end: int, offset: int) -> None:
         for tensor in (self.keys, self.values):
@@ -197,13 +203,16 @@ class SlotCache:
 
     def __init__(self, layers: int, slots: int, capacity: int, prefix, device):
         self.slots, self.capacity, self.prefix = slots, capacity, prefix
+        self.prefix_length = prefix[0][0].shape[2] if prefix else 0
         self.layers = [_SlotLayer(index) for index in range(layers)]
+        # Positions count the prefix; the rows' tensors start after it: ``write_slot = write_at - prefix_length``.
         self.write_at = torch.zeros(1, dtype=torch.long, device=device)
+        self.write_slot = torch.zeros(1, dtype=torch.long, device=device)
         self.rows: torch.Tensor | slice | None = None
         self.write_slots: torch.Tensor | slice | None = None
         self.active = slots
         self.visible = capacity
-        self.prefix_apart = 0
+        self.prefix_apart = False  # decode steps leave the prefix out of the rows' keys (SHARED_PREFIX reads it)
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         return self.layers[layer_idx].update(key_states, value_states, self)
@@ -287,10 +296,11 @@ class SlotDecoder:
         row_index = torch.tensor(rows, device=self.device)
         cache = self.cache
         write_slots = torch.arange(end - length, end, device=self.device)
+        first, last = end - length - self.prefix_length, end - self.prefix_length  # in the rows' tensors
         if rows == list(range(rows[0], rows[0] + len(rows))):
-            cache.rows, cache.write_slots = slice(rows[0], rows[0] + len(rows)), slice(end - length, end)
+            cache.rows, cache.write_slots = slice(rows[0], rows[0] + len(rows)), slice(first, last)
         else:
-            cache.rows, cache.write_slots = row_index, write_slots
+            cache.rows, cache.write_slots = row_index, write_slots - self.prefix_length
         cache.visible = end
         hook = self.head.register_forward_pre_hook(_contiguous_input) if self.head is not None else None
         try:
@@ -308,9 +318,9 @@ class SlotDecoder:
 
     def shift(self, start: int, offset: int) -> None:
         """Move the slots ``[start, position)`` of every row by ``offset``; ``position`` moves with them."""
-        end = self.position
+        end, prefix = self.position, self.prefix_length
         for layer in self.cache.layers:
-            layer.shift(start, end, offset)
+            layer.shift(start - prefix, end - prefix, offset)
         self.valid[:, start + offset : end + offset] = self.valid[:, start:end].clone()
         if offset < 0:
             self.valid[:, end + offset : end] = True
@@ -328,12 +338,12 @@ class SlotDecoder:
             return self._step_forward(self.tokens[:active], self.positions[:active, None], mask)
         prefix_apart = bool(self.prefix_length) and len(self._attention_modules) == len(cache.layers)
         shared = _shared_prefix(self._attention_modules, cache.layers) if prefix_apart else contextlib.nullcontext()
-        cache.prefix_apart = self.prefix_length if prefix_apart else 0
+        cache.prefix_apart = prefix_apart
         try:
             with _attention_implementation(self.config, DECODE_ATTENTION), shared:
                 return self._step_forward(self.tokens[:active], self.positions[:active, None], mask)
         finally:
-            cache.prefix_apart = 0
+            cache.prefix_apart = False
 
     def _graph(self, active: int, visible: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         key = (active, visible)
@@ -360,6 +370,7 @@ class SlotDecoder:
             raise ValueError(f"the cache holds {self.capacity} positions; all are used")
         self.tokens[: tokens.shape[0], 0].copy_(tokens)
         self.cache.write_at.fill_(self.position)
+        self.cache.write_slot.fill_(self.position - self.prefix_length)
         visible = self.capacity if self.compiled else _round_up_visible(self.position + 1, self.capacity)
         if self.use_graphs:
             graph, logits = self._graph(active, visible)

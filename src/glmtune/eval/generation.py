@@ -20,7 +20,7 @@ from glmtune.errors import GlmtuneError
 from glmtune.eval.decoding import (SlotDecoder, TokenHistory, choose_tokens, innermost, kv_bytes_per_position,
                                    needs_history, sampling_noise)
 from glmtune.methods.ptuning import PrefixTuningModel
-from glmtune.models.introspect import text_config
+from glmtune.models.introspect import attention_shape, text_config
 
 # Stop tokens are checked on the host every this many steps (a check synchronises with the device).
 STOP_CHECK_EVERY = 8
@@ -174,9 +174,11 @@ def auto_batch_size(model: nn.Module, prompt_length: int, max_new_tokens: int, p
     inner = innermost(model)
     element = next(model.parameters()).element_size()
     hidden = text_config(inner).hidden_size
-    tokens = prompt_length + max_new_tokens + getattr(model, "pre_seq_len", 0)
-    per_sample = kv_bytes_per_position(model, next(model.parameters()).dtype) * tokens
+    per_position = kv_bytes_per_position(model, next(model.parameters()).dtype)
+    per_sample = per_position * (prompt_length + max_new_tokens)  # a P-Tuning v2 prefix is stored once, not per row
     per_sample += 8 * text_config(inner).vocab_size + 16 * hidden * prompt_length * element  # logits, prefill activations
+    # A prefill attends over the prefix copied in front of each row's keys and values, one layer at a time.
+    per_sample += per_position // attention_shape(inner)[0] * (getattr(model, "pre_seq_len", 0) + prompt_length)
     free, _ = torch.cuda.mem_get_info(device)
     largest = int(max(1, min(1024, free * 0.5 // per_sample)))
     return math.ceil(prompts / math.ceil(prompts / largest))
