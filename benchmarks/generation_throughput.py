@@ -252,7 +252,7 @@ def serve_row(lora, args) -> dict:
 
     from glmtune.config import GlmtuneConfig
     from glmtune.data.templates import get_template
-    from glmtune.recipes.common import ModelBundle
+    from glmtune.methods.loading import ModelBundle
     from glmtune.serve.engine import Engine
 
     tokenizer = proxy_tokenizer(lora.config.vocab_size)

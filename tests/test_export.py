@@ -13,7 +13,7 @@ from glmtune.config import GlmtuneConfig
 from glmtune.errors import GlmtuneError
 from glmtune.export import run_export
 from glmtune.export.to_gguf import write_gguf
-from glmtune.recipes.common import load_for_inference
+from glmtune.methods.loading import load_for_inference
 from tiny_models import build_model_folder, build_tokenizer, corpus_texts, train_tiny
 
 TEXT = "类型#上衣*颜色#白色 hello"

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from glmtune.config import GlmtuneConfig
 from glmtune.data.templates import ChatTemplate, get_template
 from glmtune.export import run_export
-from glmtune.recipes.common import load_for_inference
+from glmtune.methods.loading import load_for_inference
 from glmtune.recipes.predict import run_predict
 from glmtune.recipes.train import run_train
 from glmtune.serve.api import create_app

@@ -14,7 +14,7 @@ from glmtune.config import GlmtuneConfig
 from glmtune.data.pretrain import pack_documents, pretrain_examples, read_documents
 from glmtune.errors import GlmtuneError
 from glmtune.models.loading import load_model, load_tokenizer
-from glmtune.recipes.common import load_for_inference
+from glmtune.methods.loading import load_for_inference
 from glmtune.recipes.train import run_train
 from glmtune.train.objectives import PretrainObjective
 

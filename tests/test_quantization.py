@@ -27,7 +27,7 @@ from glmtune.models.quantization import (
     quantize_weight,
     vocabulary_modules,
 )
-from glmtune.recipes.common import load_for_inference
+from glmtune.methods.loading import load_for_inference
 from glmtune.recipes.train import run_train
 from glmtune.train.trainer import enable_gradient_checkpointing
 

@@ -26,7 +26,7 @@ from glmtune.data.formats import FormatOptions, read_conversations
 from glmtune.errors import GlmtuneError
 from glmtune.recipes.predict import run_predict
 from glmtune.recipes.train import run_train
-from glmtune.train.checkpoint import OUTPUT_TEMPORARY, read_run_record
+from glmtune.files import OUTPUT_TEMPORARY, read_run_record
 
 TESTS = Path(__file__).resolve().parent
 RECORDS = [

@@ -6,11 +6,18 @@ Used by every layer (it imports only ``glmtune.errors``): model folders, output 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 from glmtune.errors import GlmtuneError
+
+logger = logging.getLogger(__name__)
+
+RUN_RECORD = "glmtune.json"  # in every trained output and checkpoint: what trained it, on what
+OUTPUT_TEMPORARY = ".output.tmp"  # where a final output is written before it is moved into place
 
 
 def read_json(path: str | Path, what: str = "") -> dict:
@@ -83,3 +90,39 @@ def write_text_atomically(path: str | Path, text: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, path)
+
+
+def write_run_record(directory: Path, record: dict) -> None:
+    write_text_atomically(Path(directory) / RUN_RECORD, json.dumps(record, indent=2, ensure_ascii=False))
+
+
+def read_run_record(directory: str | Path) -> dict | None:
+    """The ``glmtune.json`` of a trained output or checkpoint; None for a folder that is neither.
+
+    A final save that a kill interrupted is completed here when everything was written
+    (``OUTPUT/.output.tmp/glmtune.json`` exists); an empty or corrupt record is a one-line error.
+    """
+    directory = Path(directory)
+    path = directory / RUN_RECORD
+    if (directory / OUTPUT_TEMPORARY / RUN_RECORD).is_file():
+        publish_output(directory / OUTPUT_TEMPORARY, directory)
+        logger.warning("%s: completed a save that was interrupted", directory)
+    if not path.is_file():
+        return None
+    return read_json(path, "; the run was interrupted while saving: rerun it with --resume_from_checkpoint latest "
+                           "(or from the start) to write the output again")
+
+
+def publish_output(temporary: Path, output_dir: Path) -> None:
+    """Move a fully written output from ``temporary`` into ``output_dir``, ``glmtune.json`` last.
+
+    The old record goes first, so at every moment ``output_dir`` is either a complete output (old or new)
+    or has no ``glmtune.json``, and then ``temporary`` still holds the new one's record for a rerun to finish.
+    """
+    (output_dir / RUN_RECORD).unlink(missing_ok=True)
+    for item in sorted(temporary.iterdir(), key=lambda p: p.name == RUN_RECORD):
+        target = output_dir / item.name
+        if item.is_dir() and target.is_dir():
+            shutil.rmtree(target)
+        os.replace(item, target)
+    temporary.rmdir()

@@ -18,8 +18,8 @@ from glmtune.config import GlmtuneConfig
 from glmtune.errors import GlmtuneError
 from glmtune.methods.ptuning import PTuningMethod, PrefixTuningModel
 from glmtune.models.introspect import parameter_dtype
-from glmtune.recipes.common import ModelBundle, load_for_inference, trained_weights_folder
-from glmtune.train.checkpoint import read_run_record, write_run_record
+from glmtune.files import read_run_record, write_run_record
+from glmtune.methods.loading import ModelBundle, load_for_inference, trained_weights_folder
 
 logger = logging.getLogger(__name__)
 

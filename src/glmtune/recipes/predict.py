@@ -14,9 +14,9 @@ from glmtune.errors import GlmtuneError
 from glmtune.eval.generation import GenerationSettings, generate_texts
 from glmtune.eval.metrics import compute_metrics
 from glmtune.eval.report import ComparisonExample, RunResult, format_comparison_text, write_comparison
-from glmtune.files import prepare_output_dir
-from glmtune.recipes.common import ModelBundle, load_for_inference, prompts_for, read_data
-from glmtune.train.checkpoint import read_run_record
+from glmtune.files import prepare_output_dir, read_run_record
+from glmtune.methods.loading import ModelBundle, load_for_inference
+from glmtune.recipes.common import prompts_for, read_data
 
 console = Console(stderr=True)
 

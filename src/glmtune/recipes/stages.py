@@ -22,7 +22,8 @@ from glmtune.errors import GlmtuneError
 from glmtune.methods import Method
 from glmtune.models.loading import resolve_dtype
 from glmtune.models.quantization import is_quantized
-from glmtune.recipes.common import ModelBundle, Reader, conversation_readers, training_data, training_examples
+from glmtune.methods.loading import ModelBundle
+from glmtune.recipes.common import Reader, conversation_readers, training_data, training_examples
 from glmtune.train.objectives import DPOObjective, Objective, PretrainObjective, SFTObjective
 from glmtune.train.objectives.dpo import adapter_off_reference, frozen_copy_reference, policy_reference, preference_metrics
 from glmtune.train.trainer import compute_dtype

@@ -17,7 +17,8 @@ from glmtune.data.formats import Conversation
 from glmtune.data.preference import PreferencePair
 from glmtune.data.templates import get_template
 from glmtune.models.vocab import extended_tokenizer, resize_for_tokenizer, vocabulary_record
-from glmtune.recipes.common import ModelBundle, load_base, prompts_for
+from glmtune.methods.loading import ModelBundle, load_base
+from glmtune.recipes.common import prompts_for
 from glmtune.recipes.stages import stage_data, stage_eval_metrics, stage_examples, stage_objective
 from glmtune.train.distributed import process_group
 from glmtune.train.trackers import tracker_names

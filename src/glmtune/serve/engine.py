@@ -34,7 +34,7 @@ from glmtune.eval.decoding import (SlotDecoder, TokenHistory, choose_tokens, kv_
 from glmtune.eval.generation import GenerationSettings, generate_chatglm, stop_token_ids
 from glmtune.methods.ptuning import PrefixTuningModel
 from glmtune.models.introspect import parameter_dtype, text_config
-from glmtune.recipes.common import ModelBundle, load_base, load_for_inference, trained_weights_folder
+from glmtune.methods.loading import ModelBundle, load_base, load_for_inference, trained_weights_folder
 
 logger = logging.getLogger(__name__)
 

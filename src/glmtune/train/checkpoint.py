@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import pickle
 import random
 import shutil
@@ -29,52 +28,14 @@ import numpy as np
 import torch
 
 from glmtune.errors import GlmtuneError
-from glmtune.files import check_model_folder, read_json, write_text_atomically
+from glmtune.files import OUTPUT_TEMPORARY, check_model_folder, read_json, read_run_record, write_text_atomically
 from glmtune.train.distributed import ProcessGroup
 
 logger = logging.getLogger(__name__)
 
-RUN_RECORD = "glmtune.json"
 TRAINER_STATE = "trainer_state.json"
 RUN_FILE = "glmtune_run.json"  # in the output folder: the run its checkpoints belong to
-OUTPUT_TEMPORARY = ".output.tmp"
 STATE_FILES = ("optimizer.pt", "scheduler.pt", "rng_state.pt")
-
-
-def write_run_record(directory: Path, record: dict) -> None:
-    write_text_atomically(Path(directory) / RUN_RECORD, json.dumps(record, indent=2, ensure_ascii=False))
-
-
-def read_run_record(directory: str | Path) -> dict | None:
-    """The ``glmtune.json`` of a trained output or checkpoint; None for a folder that is neither.
-
-    A final save that a kill interrupted is completed here when everything was written
-    (``OUTPUT/.output.tmp/glmtune.json`` exists); an empty or corrupt record is a one-line error.
-    """
-    directory = Path(directory)
-    path = directory / RUN_RECORD
-    if (directory / OUTPUT_TEMPORARY / RUN_RECORD).is_file():
-        publish_output(directory / OUTPUT_TEMPORARY, directory)
-        logger.warning("%s: completed a save that was interrupted", directory)
-    if not path.is_file():
-        return None
-    return read_json(path, "; the run was interrupted while saving: rerun it with --resume_from_checkpoint latest "
-                           "(or from the start) to write the output again")
-
-
-def publish_output(temporary: Path, output_dir: Path) -> None:
-    """Move a fully written output from ``temporary`` into ``output_dir``, ``glmtune.json`` last.
-
-    The old record goes first, so at every moment ``output_dir`` is either a complete output (old or new)
-    or has no ``glmtune.json``, and then ``temporary`` still holds the new one's record for a rerun to finish.
-    """
-    (output_dir / RUN_RECORD).unlink(missing_ok=True)
-    for item in sorted(temporary.iterdir(), key=lambda p: p.name == RUN_RECORD):
-        target = output_dir / item.name
-        if item.is_dir() and target.is_dir():
-            shutil.rmtree(target)
-        os.replace(item, target)
-    temporary.rmdir()
 
 
 def rng_state() -> dict:

@@ -27,7 +27,7 @@ from transformers import get_scheduler, set_seed
 from glmtune.config import GlmtuneConfig
 from glmtune.data.preprocess import Example, pad_id
 from glmtune.errors import GlmtuneError
-from glmtune.files import prepare_output_dir
+from glmtune.files import OUTPUT_TEMPORARY, prepare_output_dir, publish_output, write_run_record
 from glmtune.methods import Method
 from glmtune.models.fp8 import check_fp8_device, convert_frozen_linears
 from glmtune.models.introspect import decoder_layers, parameter_dtype
@@ -45,14 +45,12 @@ from glmtune.train.distributed import (
     wrap,
 )
 from glmtune.train.checkpoint import (
-    OUTPUT_TEMPORARY,
     TRAINER_STATE,
     check_sharded_index,
     check_trained_weights,
     examples_hash,
     fingerprint,
     load_state,
-    publish_output,
     read_trainer_state,
     resolve_resume,
     rng_state,
@@ -60,7 +58,6 @@ from glmtune.train.checkpoint import (
     set_rng_state,
     start_run,
     truncate_log,
-    write_run_record,
 )
 from glmtune.train.best import BestWeights
 from glmtune.train.objectives import Objective, SFTObjective
