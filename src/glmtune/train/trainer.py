@@ -344,6 +344,57 @@ class _StepLosses:
         return [(loss, dict(zip(names, metrics))) for loss, *metrics in values]
 
 
+def _accumulate(model: nn.Module, objective: Objective, batches: list[dict], scale: torch.Tensor | float, autocast,
+                scaler, device) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+    """Forward and backward of one step's micro-batches: the loss and metric sums on the device (no sync)
+    and this rank's token count (counted on the CPU)."""
+    step_loss, step_metrics, tokens = torch.zeros((), device=device), {}, 0
+    for collated in batches:
+        tokens += _token_count(collated)
+        with autocast:
+            loss_sum, metric_sums = objective.loss(model, {k: _to_device(v, device) for k, v in collated.items()})
+        scaler.scale(loss_sum * scale).backward()
+        step_loss += loss_sum.detach()
+        for name, value in metric_sums.items():
+            step_metrics[name] = step_metrics.get(name, 0) + value.detach()
+    return step_loss, step_metrics, tokens
+
+
+def _optimizer_step(optimizer, scheduler, scaler, parameters: list[nn.Parameter], max_grad_norm: float) -> None:
+    if max_grad_norm:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+class _LogWindow:
+    """The steps since the last logged one: their losses and metrics, and the tokens/s shown and logged."""
+
+    def __init__(self, entries: list | None = None):
+        self.entries: list[tuple[float, dict[str, float]]] = entries or []
+        self.tokens, self.started = 0, time.perf_counter()
+
+    def show(self, progress, last_loss: float | None, world_size: int) -> None:
+        # Summing the ranks' tokens is a collective, done at logging steps only; in between the bar shows
+        # an estimate from rank 0's tokens, labelled as one.
+        rate_label = "tokens_per_s" if world_size == 1 else "tokens_per_s_est"
+        seconds = max(time.perf_counter() - self.started, 1e-9)
+        postfix = {rate_label: f"{self.tokens * world_size / seconds:.0f}"}
+        progress.set_postfix({"loss": f"{last_loss:.4f}", **postfix} if last_loss is not None else postfix)
+
+    def log(self, step: int, loggers: Trackers | None, learning_rate: float, group, device) -> None:
+        seconds = max(time.perf_counter() - self.started, 1e-9)
+        tokens_per_second = int(group.sum(torch.tensor(self.tokens, device=device))) / seconds
+        if loggers:
+            values = {"loss": sum(loss for loss, _ in self.entries) / len(self.entries)}
+            values.update({name: sum(m[name] for _, m in self.entries) / len(self.entries) for name in self.entries[0][1]})
+            loggers.log(step, {**values, "learning_rate": learning_rate, "tokens_per_s": tokens_per_second})
+        self.entries, self.tokens, self.started = [], 0, time.perf_counter()
+
+
 def _without_cudnn_attention(function: Callable) -> Callable:
     """Run ``function`` with PyTorch's cuDNN attention backend off (the flag is process-wide, so it is restored).
 
@@ -403,13 +454,13 @@ def train(
     run_fingerprint = fingerprint(method.name, trainable, record.get("base_model"), examples_hash(train_examples))
     state = _TrainingState(trained_model, method, trainable, optimizer, scheduler, group, fsdp, record, steps, config,
                            run_fingerprint)
-    window = []  # (loss, metrics) of the steps since the last logged one
+    window = _LogWindow()
     if config.resume_from_checkpoint:
         checkpoint, trainer_state = resolve_resume(output_dir, config.resume_from_checkpoint, run_fingerprint,
                                                    config.to_dict(), steps)
         start_step = _resume(state, checkpoint)
         state.run_id = trainer_state.get("run_id")
-        window = [tuple(entry) for entry in trainer_state.get("log_window", [])]
+        window = _LogWindow([tuple(entry) for entry in trainer_state.get("log_window", [])])
         log_history = trainer_state.get("log_history", [])
         if group.is_main:
             truncate_log(output_dir / "train_log.jsonl", start_step)
@@ -432,7 +483,7 @@ def train(
     best = BestWeights() if config.load_best_model_at_end else None
     model.train()
     started = time.perf_counter()
-    window_tokens, window_start = 0, time.perf_counter()
+    window.started = started
     batches = None
     progress = tqdm(total=steps, initial=start_step, desc="training", unit="step", disable=not group.is_main)
     try:
@@ -444,24 +495,11 @@ def train(
             units = max(sum(objective.units(batch) for batch in batches), 1)
             if group.world_size > 1:  # on the device, as NCCL needs; the division below stays there too
                 units = group.sum(_to_device(torch.tensor(float(units)), device))
-            scale = group.world_size / units
-            step_loss, step_metrics = torch.zeros((), device=device), {}
-            for collated in batches:
-                window_tokens += _token_count(collated)  # this rank's, on the CPU: no sync
-                with autocast:
-                    loss_sum, metric_sums = objective.loss(model, {k: _to_device(v, device) for k, v in collated.items()})
-                scaler.scale(loss_sum * scale).backward()
-                step_loss += loss_sum.detach()
-                for name, value in metric_sums.items():
-                    step_metrics[name] = step_metrics.get(name, 0) + value.detach()
+            step_loss, step_metrics, tokens = _accumulate(model, objective, batches, group.world_size / units, autocast,
+                                                          scaler, device)
+            window.tokens += tokens
             step_losses.add(step, group.sum(step_loss) / units, {name: group.sum(value) / units for name, value in step_metrics.items()})
-            if config.max_grad_norm:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            _optimizer_step(optimizer, scheduler, scaler, parameters, config.max_grad_norm)
             progress.update(1)
             logging_step = step % config.logging_steps == 0 or step == steps
             # With --load_best_model_at_end the last step is evaluated too, so it can be the best.
@@ -471,22 +509,10 @@ def train(
             if logging_step or evaluation_step or saving_step:  # read the losses (one sync), check them before a save
                 collected = step_losses.collect()
                 result.losses.extend(loss for loss, _ in collected)
-                window.extend(collected)
-            window_seconds = max(time.perf_counter() - window_start, 1e-9)
-            # Summing the ranks' tokens is a collective, done at logging steps only; in between the bar shows
-            # an estimate from rank 0's tokens, labelled as one.
-            rate_label = "tokens_per_s" if group.world_size == 1 else "tokens_per_s_est"
-            postfix = {rate_label: f"{window_tokens * group.world_size / window_seconds:.0f}"}
-            if result.losses:
-                postfix = {"loss": f"{result.losses[-1]:.4f}", **postfix}
-            progress.set_postfix(postfix)
+                window.entries.extend(collected)
+            window.show(progress, result.losses[-1] if result.losses else None, group.world_size)
             if logging_step:
-                tokens_per_second = int(group.sum(torch.tensor(window_tokens, device=device))) / window_seconds
-                if loggers:
-                    values = {"loss": sum(loss for loss, _ in window) / len(window)}
-                    values.update({name: sum(m[name] for _, m in window) / len(window) for name in window[0][1]})
-                    loggers.log(step, {**values, "learning_rate": scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_second})
-                window, window_tokens, window_start = [], 0, time.perf_counter()
+                window.log(step, loggers, scheduler.get_last_lr()[0], group, device)
             if evaluation_step:
                 eval_loss = _evaluate(trained_model, model, eval_examples, config, padding, autocast, objective,
                                       generation_metrics, step, result, loggers, progress)
@@ -494,7 +520,7 @@ def train(
                     best.observe(step, eval_loss, trainable)
             if saving_step:
                 _check_weights(state, batches[-1], autocast, step)
-                save_checkpoint(output_dir, step, lambda folder: _write_checkpoint(state, folder, step, window, loggers.history if loggers else []),
+                save_checkpoint(output_dir, step, lambda folder: _write_checkpoint(state, folder, step, window.entries, loggers.history if loggers else []),
                                 config.save_total_limit, group)
     finally:
         progress.close()
