@@ -3,7 +3,8 @@
 ``SlotDecoder`` holds, for a fixed number of rows ("slots"), keys and values for ``capacity`` token
 positions, allocated once. A P-Tuning v2 prefix takes the first ``prefix_length`` positions of every
 row, but it is the same for all rows, so it is stored once, not per row: attention reads it once per
-step (``decode_attention``), and only a prefill or another attention gets it copied in front of the rows. All rows write their next token at one shared position, so a decode step is
+step (``decode_attention``), and only a prefill or another attention gets it copied in front of the
+rows. All rows write their next token at one shared position, so a decode step is
 the same computation every time: on CUDA it is captured once as a CUDA graph per (rows in use, visible
 length) and replayed, with no host synchronisation and no per-step allocation. A row's prompt is
 written right-aligned to the shared position, which lets a new request join a running batch at the
@@ -63,6 +64,12 @@ def _round_up_visible(length: int, capacity: int) -> int:
     return min(-(-length // step) * step, capacity)
 
 
+def prefix_in_front(prefix: tuple[torch.Tensor, torch.Tensor], keys: torch.Tensor,
+                    values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's keys and values with the shared prefix (``[1, kv_heads, prefix, head_dim]``) copied in front."""
+    return tuple(torch.cat([p.expand(t.shape[0], -1, -1, -1), t], dim=2) for p, t in zip(prefix, (keys, values)))
+
+
 def decode_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                      **kwargs) -> tuple[torch.Tensor, None]:
@@ -77,7 +84,7 @@ def decode_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     if (query.shape[2] != 1 or attention_mask is None or attention_mask.dtype != torch.bool
             or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None):
         if prefix is not None:  # the rows' caches come without the prefix: put it back in front
-            key, value = (torch.cat([p.expand(key.shape[0], -1, -1, -1), t], dim=2) for p, t in zip(prefix, (key, value)))
+            key, value = prefix_in_front(prefix, key, value)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     rows, heads, _, head_dim = query.shape
     kv_heads = key.shape[1]
@@ -143,7 +150,8 @@ def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
 
 
 class _SlotLayer:
-    """One layer's keys and values for every slot: ``[slots, kv_heads, capacity, head_dim]``, zeroed (never NaN).
+    """One layer's keys and values for every slot: ``[slots, kv_heads, capacity - prefix, head_dim]``, zeroed
+    (never NaN), and the layer's P-Tuning v2 prefix once (``prefix``: ``[1, kv_heads, prefix, head_dim]``).
 
     It holds no reference back to its ``SlotCache`` (which is passed in): without a cycle, a finished
     decoder's cache is freed at once rather than at the next garbage collection.
@@ -163,10 +171,8 @@ class _SlotLayer:
             self.prefix = tuple(t.to(like.dtype).contiguous() for t in cache.prefix[self.index])
 
     def _with_prefix(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The rows' keys and values with the prefix in front: a copy for the attention that needs them whole."""
-        if self.prefix is None:
-            return keys, values
-        return tuple(torch.cat([p.expand(t.shape[0], -1, -1, -1), t], dim=2) for p, t in zip(self.prefix, (keys, values)))
+        """The rows' keys and values, with the prefix in front (a copy) for an attention that needs them whole."""
+        return (keys, values) if self.prefix is None else prefix_in_front(self.prefix, keys, values)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, cache: SlotCache):
         if self.keys is None:
@@ -233,10 +239,13 @@ class SlotDecoder:
         self.slots, self.capacity = slots, self.prefix_length + capacity
         self.cache_argument = cache_argument_name(inner)
         self._attention_modules = _attention_modules(inner) if self.prefix_length else []
+        layers = attention_shape(inner)[0]
+        # The prefix is kept apart in decode steps when every layer's attention module is found to carry it.
+        self._prefix_apart = bool(self.prefix_length) and len(self._attention_modules) == layers
         self.head = inner.get_output_embeddings()
         with torch.no_grad():
             prefix = [tuple(t.detach() for t in kv) for kv in prefix_model.prefix_key_values(1)] if prefix_model else None
-        self.cache = SlotCache(attention_shape(inner)[0], slots, self.capacity, prefix, self.device)
+        self.cache = SlotCache(layers, slots, self.capacity, prefix, self.device)
         self.attention = getattr(config, "_attn_implementation", "sdpa")
         layer_types = getattr(config, "layer_types", None) or []
         window = getattr(config, "sliding_window", None)
@@ -336,9 +345,8 @@ class SlotDecoder:
         mask = self._mask(cache.write_at, self.valid[:active], visible)
         if self.attention != "sdpa":  # eager attention: the model's own, over the whole cache
             return self._step_forward(self.tokens[:active], self.positions[:active, None], mask)
-        prefix_apart = bool(self.prefix_length) and len(self._attention_modules) == len(cache.layers)
-        shared = _shared_prefix(self._attention_modules, cache.layers) if prefix_apart else contextlib.nullcontext()
-        cache.prefix_apart = prefix_apart
+        shared = _shared_prefix(self._attention_modules, cache.layers) if self._prefix_apart else contextlib.nullcontext()
+        cache.prefix_apart = self._prefix_apart
         try:
             with _attention_implementation(self.config, DECODE_ATTENTION), shared:
                 return self._step_forward(self.tokens[:active], self.positions[:active, None], mask)

@@ -40,7 +40,7 @@ class GenerationSettings:
     #: Per-request constrained decoding (serve's tool calls / JSON): called each step with the tokens
     #: picked at the previous step (None at the first) and the next-token logits; returns the logits to pick from.
     logits_processor: Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor] | None = None
-    #: Decode steps through torch.compile (predict/compare ``--torch_compile``): faster steps after a
+    #: Decode steps through torch.compile (predict/compare ``--compile_generation``): faster steps after a
     #: one-time compilation, for long prediction runs on a GPU.
     compile_steps: bool = False
 

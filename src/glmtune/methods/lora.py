@@ -72,7 +72,8 @@ class LoraMethod(Method):
 
     def load(self, model: nn.Module, directory: Path, config: GlmtuneConfig) -> nn.Module:
         # The adapter in the base's dtype: PEFT's default (float32 adapters on a bfloat16 base) casts the
-        # activations to float32 and back around every LoRA matmul, a tenth of a decode step on the GPU.
+        # activations to float32 and back around every LoRA matmul (31.1 -> 29.2 ms a decode step on the H200
+        # at 535 rows, benchmarks/RESULTS.md).
         return PeftModel.from_pretrained(model, str(directory), autocast_adapter_dtype=False).eval()
 
     @contextlib.contextmanager

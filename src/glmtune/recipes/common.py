@@ -12,6 +12,7 @@ from glmtune.data.preprocess import Example, build_examples, build_prompts
 from glmtune.errors import GlmtuneError
 from glmtune.methods.loading import ModelBundle
 
+
 def format_options(config: GlmtuneConfig, require_response: bool = True) -> FormatOptions:
     return FormatOptions(
         dataset_format=config.dataset_format, prompt_column=config.prompt_column,

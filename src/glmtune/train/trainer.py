@@ -381,18 +381,19 @@ class _LogWindow:
         # Summing the ranks' tokens is a collective, done at logging steps only; in between the bar shows
         # an estimate from rank 0's tokens, labelled as one.
         rate_label = "tokens_per_s" if world_size == 1 else "tokens_per_s_est"
-        seconds = max(time.perf_counter() - self.started, 1e-9)
-        postfix = {rate_label: f"{self.tokens * world_size / seconds:.0f}"}
+        postfix = {rate_label: f"{self.tokens * world_size / self._seconds():.0f}"}
         progress.set_postfix({"loss": f"{last_loss:.4f}", **postfix} if last_loss is not None else postfix)
 
     def log(self, step: int, loggers: Trackers | None, learning_rate: float, group, device) -> None:
-        seconds = max(time.perf_counter() - self.started, 1e-9)
-        tokens_per_second = int(group.sum(torch.tensor(self.tokens, device=device))) / seconds
+        tokens_per_second = int(group.sum(torch.tensor(self.tokens, device=device))) / self._seconds()
         if loggers:
             values = {"loss": sum(loss for loss, _ in self.entries) / len(self.entries)}
             values.update({name: sum(m[name] for _, m in self.entries) / len(self.entries) for name in self.entries[0][1]})
             loggers.log(step, {**values, "learning_rate": learning_rate, "tokens_per_s": tokens_per_second})
         self.entries, self.tokens, self.started = [], 0, time.perf_counter()
+
+    def _seconds(self) -> float:
+        return max(time.perf_counter() - self.started, 1e-9)
 
 
 def _without_cudnn_attention(function: Callable) -> Callable:
