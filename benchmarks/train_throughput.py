@@ -162,19 +162,23 @@ def hf_trainer_run(model, data, batch_size: int, accumulation: int, pad_to: int 
 
 
 def profiled(warmup: int):
-    """A CUDA profiler that records the two optimizer steps after ``warmup`` (stepped by a global optimizer hook)."""
+    """A CPU and CUDA profiler that records the two optimizer steps after ``warmup`` (stepped by a global optimizer hook)."""
     from torch.optim.optimizer import register_optimizer_step_post_hook
     from torch.profiler import ProfilerActivity, profile, schedule
 
-    activity = ProfilerActivity.CUDA if torch.cuda.is_available() else ProfilerActivity.CPU  # CPU: --tiny checks
-    profiler = profile(activities=[activity], schedule=schedule(wait=max(warmup - 1, 0), warmup=1, active=2, repeat=1))
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])]
+    profiler = profile(activities=activities, schedule=schedule(wait=max(warmup - 1, 0), warmup=1, active=2, repeat=1))
     handle = register_optimizer_step_post_hook(lambda *args: profiler.step())
     return profiler, handle
 
 
 def kernel_table(profiler, rows: int = 30) -> str:
-    sort = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-    return profiler.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=90)
+    """The kernels by GPU time, then the host's operators by CPU time (where the step's host time goes)."""
+    averages = profiler.key_averages()
+    tables = [averages.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=90)]
+    if torch.cuda.is_available():
+        tables.insert(0, averages.table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=90))
+    return "\n\n".join(tables)
 
 
 def glmtune_run(model, data, method: str, batch_size: int, accumulation: int, steps: int, warmup: int, extra: dict,
@@ -255,6 +259,17 @@ def measure(run: str, args, device: str, data: list, extra: dict) -> dict:
 
 
 def _measure(run: str, args, device: str, data: list, extra: dict) -> dict:
+    """``+cppwrapper``: inductor's C++ wrapper for the compiled layers (less Python between kernels; a host-overhead probe)."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.cpp_wrapper = "cppwrapper" in run.split("+")
+    try:
+        return _measure_one(run, args, device, data, extra)
+    finally:
+        inductor_config.cpp_wrapper = False
+
+
+def _measure_one(run: str, args, device: str, data: list, extra: dict) -> dict:
     name, *flags = run.split("+")
     if name in ("seed", "hf16"):
         if "liger" in flags:  # patches transformers' Llama classes for the rest of the process: run it last
@@ -311,7 +326,7 @@ def main() -> None:
     parser.add_argument("--glmtune_micro_batch", type=int, default=16)
     parser.add_argument("--extra", default="{}", help="JSON of extra GlmtuneConfig fields for the glmtune runs")
     parser.add_argument("--profile", action="store_true",
-                        help="write the CUDA kernel time table of two steps after warm-up per glmtune run (profile_RUN.txt)")
+                        help="write the kernel (GPU) and operator (CPU) time tables of two steps after warm-up per glmtune run (profile_RUN.txt)")
     args = parser.parse_args()
     # One GPU: with several visible, HF Trainer (the seed and hf16 rows) would wrap the model in DataParallel.
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
