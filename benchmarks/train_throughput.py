@@ -216,7 +216,7 @@ def glmtune_run(model, data, method: str, batch_size: int, accumulation: int, st
         if profiler:
             profiler.start()
         trainer.train(prepared, Tokenizer(), method_object, config, [Example(ids, labels) for ids, labels in data],
-                      objective=CountedSFT(label_only=not plain_loss))
+                      objective=CountedSFT(label_only=not plain_loss, packing=config.packing))
     finally:
         clock.close()
         if profiler:
@@ -287,7 +287,8 @@ def _measure_one(run: str, args, device: str, data: list, extra: dict) -> dict:
     else:
         micro = args.glmtune_micro_batch
         method = "ptuning" if name == "chatglm6b-ptuning" else name
-        flag_fields = {"group": "group_by_length", "compile": "torch_compile", "ckpt": "gradient_checkpointing", "fp8": "fp8"}
+        flag_fields = {"group": "group_by_length", "compile": "torch_compile", "ckpt": "gradient_checkpointing", "fp8": "fp8",
+                       "pack": "packing"}
         run_extra = {**extra, **{flag_fields[f]: True for f in flags if f in flag_fields}}
         for flag in flags:
             if flag.startswith("ckpt") and flag != "ckpt":  # +ckptN: checkpoint only the first N layers

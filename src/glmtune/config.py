@@ -214,6 +214,11 @@ class TrainingConfig:
         "Run the frozen base's linear layers in FP8 (e4m3, row-wise scales) on GPUs with FP8 tensor cores "
         "(H100/H200, L4, RTX 40xx); what trains stays bf16/fp32. Faster, with a slightly noisier loss.", default=False
     )
+    packing: bool = _help(
+        "--stage sft: put each micro-batch's examples end to end in one row, with no padding and no attention "
+        "across examples (LLaMA-Factory's neat_packing); the same loss as padded rows. LoRA, freeze and full on "
+        "transformers models; on a GPU through flex attention.", default=False
+    )
     load_best_model_at_end: bool = _help(
         "With --do_eval --validation_file: end with the weights of the evaluation that had the lowest validation "
         "loss (the last step is evaluated too); --no_load_best_model_at_end keeps the last step's.", default=True
@@ -284,6 +289,11 @@ class GlmtuneConfig(GenerationConfig, TrainingConfig, MethodConfig, DataConfig, 
             self.quantization_bit = None
         if self.finetuning_type == "ptuning" and not self.pre_seq_len:
             self.pre_seq_len = DEFAULT_PRE_SEQ_LEN
+        if self.packing and self.stage == "dpo":
+            raise GlmtuneError("--packing is for --stage sft (--stage pt packs its documents already; preference pairs are not packed)")
+        if self.packing and self.finetuning_type == "ptuning":
+            raise GlmtuneError("--packing: P-Tuning v2's prefix would be attended across the packed examples; "
+                               "use LoRA, freeze or full, or drop --packing")
         if self.learning_rate is None:
             self.learning_rate = DEFAULT_LEARNING_RATES[self.finetuning_type]
         self.max_source_length = _length(self.max_source_length, "max_source_length")

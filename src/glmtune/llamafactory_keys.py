@@ -16,6 +16,7 @@ INSTEAD = {
     "save_only_model": "glmtune checkpoints always hold the optimizer, scheduler and RNG state, so resume is exact",
     "flash_attn": "glmtune uses PyTorch's scaled_dot_product_attention",
     "eval_strategy": "glmtune evaluates every --eval_steps when --do_eval is on ('no' leaves it off)",
+    "neat_packing": "glmtune's --packing is packing without attention across examples",
 }
 
 
@@ -29,4 +30,6 @@ def translate_keys(values: dict, where: str) -> dict:
         logger.info("%s: %s is LLaMA-Factory's; %s", where, key, INSTEAD[key])
         if key == "eval_strategy" and str(value).lower() not in ("no", "none", "false"):
             kept.setdefault("do_eval", True)
+        if key == "neat_packing":
+            kept["packing"] = value  # a key=value override's text is parsed as the flag's, like any other
     return kept

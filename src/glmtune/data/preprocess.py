@@ -155,6 +155,27 @@ def pad_id(tokenizer) -> int:
     return tokenizer.eos_token_id
 
 
+def pack(examples: list[Example], padding_value: int, multiple_of: int = 8) -> dict[str, torch.Tensor]:
+    """The examples end to end in one row (``--packing``), padded only at its end, up to ``multiple_of``.
+
+    ``position_ids`` restart at 0 for each example; from them transformers masks attention across examples
+    (its packed-sequence mask). Each example's first label is dropped: in a padded row no position predicts
+    it, here the previous example's last token would. So the loss is the padded batch's, token for token.
+    """
+    input_ids, labels, position_ids = [], [], []
+    for example in examples:
+        input_ids += example.input_ids
+        labels += [IGNORE_INDEX, *example.labels[1:]]
+        position_ids += range(len(example.input_ids))
+    real = len(input_ids)
+    length = -(-real // multiple_of) * multiple_of
+    tail = length - real
+    return {"input_ids": torch.tensor([input_ids + [padding_value] * tail]),
+            "labels": torch.tensor([labels + [IGNORE_INDEX] * tail]),
+            "position_ids": torch.tensor([position_ids + list(range(tail))]),
+            "attention_mask": torch.tensor([[1] * real + [0] * tail])}
+
+
 def collate(examples: list[Example], padding_value: int, multiple_of: int = 8) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example in the batch, rounded up to ``multiple_of``.
 

@@ -77,7 +77,7 @@ def stage_objective(config: GlmtuneConfig, method: Method, model: nn.Module, bun
     if config.stage == "pt":
         return PretrainObjective()
     if config.stage != "dpo":
-        return SFTObjective()
+        return SFTObjective(packing=config.packing)
     objective = DPOObjective(config.pref_loss, config.pref_beta, config.simpo_gamma)
     if not objective.needs_reference:
         return objective

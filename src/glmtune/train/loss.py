@@ -42,13 +42,14 @@ def supports_label_loss(model: nn.Module) -> bool:
             and lm.base_model is not lm)
 
 
-def final_hidden_states(model: nn.Module, lm: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
+def final_hidden_states(model: nn.Module, lm: PreTrainedModel, input_ids: torch.Tensor, **inputs) -> torch.Tensor:
     """Run ``model`` (``lm`` or a wrapper of it) and return what its decoder hands to the LM head:
-    the first output of ``lm.base_model`` (after the final norm, for transformers and ChatGLM models)."""
+    the first output of ``lm.base_model`` (after the final norm, for transformers and ChatGLM models).
+    ``inputs``: more model inputs (``position_ids`` of packed rows)."""
     captured = []
     hook = lm.base_model.register_forward_hook(lambda module, args, output: captured.append(output[0]))
     try:
-        model(input_ids=input_ids, use_cache=False, logits_to_keep=1)  # the model's own head: one row only
+        model(input_ids=input_ids, use_cache=False, logits_to_keep=1, **inputs)  # the model's own head: one row only
     finally:
         hook.remove()
     return captured[0]
@@ -71,7 +72,7 @@ def label_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, 
 
 
 def label_loss_sum(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor | None = None,
-                   chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
+                   chunk_rows: int = CHUNK_ROWS, **inputs) -> torch.Tensor:
     """Float32 cross-entropy summed over the positions whose next token has a label (not -100).
 
     ``model`` is what the training loop steps (a causal LM, possibly wrapped); call it under the
@@ -85,7 +86,7 @@ def label_loss_sum(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
     rows = rows.to(labels.device, non_blocking=True)
     targets = F.pad(labels[:, 1:], (0, 1), value=-100).flatten().index_select(0, rows)
     lm = causal_lm(model)
-    hidden = final_hidden_states(model, lm, input_ids).flatten(0, 1)
+    hidden = final_hidden_states(model, lm, input_ids, **inputs).flatten(0, 1)
     if rows.numel() == 0:
         return hidden.sum() * 0.0  # nothing to learn here, but DDP still needs a backward through the model
     hidden = hidden.index_select(0, rows)

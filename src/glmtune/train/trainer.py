@@ -60,6 +60,7 @@ from glmtune.train.checkpoint import (
     truncate_log,
 )
 from glmtune.train.best import BestWeights
+from glmtune.train.loss import causal_lm
 from glmtune.train.objectives import Objective, SFTObjective
 from glmtune.train.plot import plot_loss
 from glmtune.train.trackers import Trackers
@@ -203,6 +204,21 @@ def _prepare_layers(model: nn.Module, config: GlmtuneConfig, dtype: torch.dtype)
             layer.forward = torch.compile(layer.forward, dynamic=True)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model, config.gradient_checkpointing_layers)
+
+
+def _packed_attention(model: nn.Module, device: torch.device) -> str | None:
+    """``--packing``: attention that keeps packed examples apart (transformers masks it from where position_ids
+    restart). On a GPU flex attention, which skips the masked blocks: SDPA with the block-diagonal mask computes
+    the whole score matrix (packing ran 43% slower that way, benchmarks/NOTES.md). On the CPU the model's own
+    attention (flex attention has no CPU backward). Returns the implementation to restore after training."""
+    lm = causal_lm(model)
+    if lm is None or lm.config.model_type == "chatglm":
+        raise GlmtuneError("--packing needs a transformers model: native ChatGLM builds its own attention masks; drop --packing")
+    if device.type != "cuda":
+        return None
+    previous = lm.config._attn_implementation
+    lm.set_attn_implementation("flex_attention")
+    return previous
 
 
 @dataclass
@@ -437,6 +453,8 @@ def train(
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16 and device.type == "cuda")
     _prepare_layers(model, config, dtype)
+    packed = config.packing and config.stage == "sft"
+    attention_after_training = _packed_attention(model, device) if packed else None
     fsdp = config.fsdp and group.world_size > 1
     if config.fsdp and method.name not in ("full", "freeze"):
         raise GlmtuneError("--fsdp is for full and freeze fine-tuning; LoRA and P-Tuning v2 train with DDP (drop --fsdp)")
@@ -528,6 +546,8 @@ def train(
         if loggers:
             loggers.close()
     result.train_seconds = time.perf_counter() - started
+    if attention_after_training:  # generation after training takes its usual path
+        causal_lm(trained_model).set_attn_implementation(attention_after_training)
     if best is not None and best.restore(trainable, steps):
         logger.warning("--load_best_model_at_end: the output holds step %d's weights (validation loss %.4f)",
                        best.step, best.loss)
