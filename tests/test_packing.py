@@ -12,7 +12,7 @@ from glmtune.errors import GlmtuneError
 from glmtune.models.chatglm import ChatGLM2Config, ChatGLM2ForConditionalGeneration
 from glmtune.recipes.train import run_train
 from glmtune.train.objectives import SFTObjective
-from glmtune.train.trainer import _packed_attention
+from glmtune.train.trainer import _packed_attention, enable_gradient_checkpointing
 from test_fast_paths import EXAMPLES, prepared
 
 
@@ -62,6 +62,16 @@ def test_packed_loss_and_gradients_equal_the_padded_ones(tiny_model, method):
     packed = loss_and_gradients(prepared(tiny_model, method), SFTObjective(packing=True), EXAMPLES)
     assert packed[0] == pytest.approx(padded[0], abs=1e-6)
     assert packed[1].keys() == padded[1].keys()
+    for name, gradient in padded[1].items():
+        torch.testing.assert_close(packed[1][name], gradient, atol=1e-6, rtol=1e-5)
+
+
+def test_packed_rows_under_gradient_checkpointing_give_the_padded_gradients(tiny_llama):
+    padded = loss_and_gradients(prepared(tiny_llama, "lora"), SFTObjective(), EXAMPLES)
+    model = prepared(tiny_llama, "lora")
+    enable_gradient_checkpointing(model)
+    packed = loss_and_gradients(model, SFTObjective(packing=True), EXAMPLES)
+    assert packed[0] == pytest.approx(padded[0], abs=1e-6)
     for name, gradient in padded[1].items():
         torch.testing.assert_close(packed[1][name], gradient, atol=1e-6, rtol=1e-5)
 
