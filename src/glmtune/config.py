@@ -189,7 +189,11 @@ class TrainingConfig:
     group_by_length: bool = _help(
         "Batch examples of similar length together (within windows of 50 batches) to cut padding.", default=False
     )
-    torch_compile: bool = _help("Compile each transformer layer with torch.compile (GPU; first steps are slow).", default=False)
+    torch_compile: bool = _help(
+        "Compile each transformer layer with torch.compile. On a GPU use --bf16 --torch_compile --group_by_length, "
+        "the fastest setup measured (1.26x HF Trainer with its own torch_compile and group_by_length, "
+        "benchmarks/RESULTS.md); the first steps compile (about a minute).", default=False
+    )
     seed: int = _help("Random seed for init, data order and dropout.", default=42)
     report_to: str = _help(
         "Trackers, comma-separated: none, tensorboard, wandb, mlflow, swanlab (each its extra: pip install "
