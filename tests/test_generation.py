@@ -30,6 +30,24 @@ def test_batched_greedy_equals_unbatched(tiny_model, method):
     assert any(len(tokens) > 0 for tokens in batched)
 
 
+@pytest.mark.parametrize("method", [None, "ptuning"])
+def test_compiled_decode_steps_pick_the_eager_steps_tokens(tiny_llama, method):
+    """--compile_generation: the decode step through torch.compile (attending over the whole cache) decodes as eager steps do."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    if method:
+        model = get_method(method).apply(model, GlmtuneConfig(pre_seq_len=3))
+        with torch.no_grad():
+            model.prefix_encoder.embedding.weight.normal_(0, 2)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    prompts, stops = prompts_of(tokenizer), [tokenizer.eos_token_id]
+    eager = generate_batch(model.eval(), prompts, tokenizer.pad_token_id, stops, GenerationSettings(max_new_tokens=12))
+    frames = torch._dynamo.utils.counters["frames"]["ok"]
+    compiled = generate_batch(model, prompts, tokenizer.pad_token_id, stops, GenerationSettings(max_new_tokens=12, compile_steps=True))
+    assert torch._dynamo.utils.counters["frames"]["ok"] > frames  # the steps did go through torch.compile
+    assert compiled == eager and any(eager)
+
+
 def test_generate_texts_keeps_prompt_order_and_sampling_is_seeded(tiny_llama):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
