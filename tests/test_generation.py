@@ -12,19 +12,25 @@ def prompts_of(tokenizer):
     return [tokenizer(t)["input_ids"] for t in texts]
 
 
-@pytest.mark.parametrize("method", [None, "ptuning"])
-def test_batched_greedy_equals_unbatched(tiny_model, method):
+def float32_model(folder, method: str | None):
+    """The model in ``folder`` in float32, with a random P-Tuning v2 prefix for ``method="ptuning"``."""
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     if method:
         model = get_method(method).apply(model, GlmtuneConfig(pre_seq_len=3))
         with torch.no_grad():
             model.prefix_encoder.embedding.weight.normal_(0, 2)
+    return model.eval()
+
+
+@pytest.mark.parametrize("method", [None, "ptuning"])
+def test_batched_greedy_equals_unbatched(tiny_model, method):
+    model = float32_model(tiny_model, method)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     prompts = prompts_of(tokenizer)
     settings = GenerationSettings(max_new_tokens=12)
     stops = [tokenizer.eos_token_id]
-    batched = generate_batch(model.eval(), prompts, tokenizer.pad_token_id, stops, settings)
+    batched = generate_batch(model, prompts, tokenizer.pad_token_id, stops, settings)
     one_by_one = [generate_batch(model, [p], tokenizer.pad_token_id, stops, settings)[0] for p in prompts]
     assert batched == one_by_one
     assert any(len(tokens) > 0 for tokens in batched)
@@ -33,15 +39,10 @@ def test_batched_greedy_equals_unbatched(tiny_model, method):
 @pytest.mark.parametrize("method", [None, "ptuning"])
 def test_compiled_decode_steps_pick_the_eager_steps_tokens(tiny_llama, method):
     """--compile_generation: the decode step through torch.compile (attending over the whole cache) decodes as eager steps do."""
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
-    if method:
-        model = get_method(method).apply(model, GlmtuneConfig(pre_seq_len=3))
-        with torch.no_grad():
-            model.prefix_encoder.embedding.weight.normal_(0, 2)
+    model = float32_model(tiny_llama, method)
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     prompts, stops = prompts_of(tokenizer), [tokenizer.eos_token_id]
-    eager = generate_batch(model.eval(), prompts, tokenizer.pad_token_id, stops, GenerationSettings(max_new_tokens=12))
+    eager = generate_batch(model, prompts, tokenizer.pad_token_id, stops, GenerationSettings(max_new_tokens=12))
     frames = torch._dynamo.utils.counters["frames"]["ok"]
     compiled = generate_batch(model, prompts, tokenizer.pad_token_id, stops, GenerationSettings(max_new_tokens=12, compile_steps=True))
     assert torch._dynamo.utils.counters["frames"]["ok"] > frames  # the steps did go through torch.compile
