@@ -267,12 +267,9 @@ def _measure(run: str, args, device: str, data: list, extra: dict) -> dict:
     from fp8_function import function_fp8
 
     flags = run.split("+")
-    inductor_config.cpp_wrapper = "cppwrapper" in flags
-    try:
-        with function_fp8() if "fp8fn" in flags else contextlib.nullcontext():
-            return _measure_one(run, args, device, data, extra)
-    finally:
-        inductor_config.cpp_wrapper = False
+    with inductor_config.patch(cpp_wrapper="cppwrapper" in flags), \
+            function_fp8() if "fp8fn" in flags else contextlib.nullcontext():
+        return _measure_one(run, args, device, data, extra)
 
 
 def _measure_one(run: str, args, device: str, data: list, extra: dict) -> dict:

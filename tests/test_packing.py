@@ -25,6 +25,13 @@ def loss_and_gradients(model, objective: SFTObjective, examples: list[Example]):
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def assert_same_loss_and_gradients(packed, padded) -> None:
+    assert packed[0] == pytest.approx(padded[0], abs=1e-6)
+    assert packed[1].keys() == padded[1].keys()
+    for name, gradient in padded[1].items():
+        torch.testing.assert_close(packed[1][name], gradient, atol=1e-6, rtol=1e-5)
+
+
 def test_pack_lays_examples_end_to_end_with_restarting_positions():
     batch = pack(EXAMPLES, padding_value=0)
     lengths = [len(e.input_ids) for e in EXAMPLES]  # 6, 4, 8: 18 tokens, padded to 24
@@ -60,10 +67,7 @@ def test_no_attention_across_packed_examples(tiny_llama):
 def test_packed_loss_and_gradients_equal_the_padded_ones(tiny_model, method):
     padded = loss_and_gradients(prepared(tiny_model, method), SFTObjective(), EXAMPLES)
     packed = loss_and_gradients(prepared(tiny_model, method), SFTObjective(packing=True), EXAMPLES)
-    assert packed[0] == pytest.approx(padded[0], abs=1e-6)
-    assert packed[1].keys() == padded[1].keys()
-    for name, gradient in padded[1].items():
-        torch.testing.assert_close(packed[1][name], gradient, atol=1e-6, rtol=1e-5)
+    assert_same_loss_and_gradients(packed, padded)
 
 
 def test_packed_rows_under_gradient_checkpointing_give_the_padded_gradients(tiny_llama):
@@ -71,9 +75,7 @@ def test_packed_rows_under_gradient_checkpointing_give_the_padded_gradients(tiny
     model = prepared(tiny_llama, "lora")
     enable_gradient_checkpointing(model)
     packed = loss_and_gradients(model, SFTObjective(packing=True), EXAMPLES)
-    assert packed[0] == pytest.approx(padded[0], abs=1e-6)
-    for name, gradient in padded[1].items():
-        torch.testing.assert_close(packed[1][name], gradient, atol=1e-6, rtol=1e-5)
+    assert_same_loss_and_gradients(packed, padded)
 
 
 def test_flex_attention_keeps_packed_examples_apart(tiny_llama):

@@ -155,6 +155,10 @@ def pad_id(tokenizer) -> int:
     return tokenizer.eos_token_id
 
 
+def _rounded_up(length: int, multiple_of: int) -> int:
+    return -(-length // multiple_of) * multiple_of
+
+
 def pack(examples: list[Example], padding_value: int, multiple_of: int = 8) -> dict[str, torch.Tensor]:
     """The examples end to end in one row (``--packing``), padded only at its end, up to ``multiple_of``.
 
@@ -168,8 +172,7 @@ def pack(examples: list[Example], padding_value: int, multiple_of: int = 8) -> d
         labels += [IGNORE_INDEX, *example.labels[1:]]
         position_ids += range(len(example.input_ids))
     real = len(input_ids)
-    length = -(-real // multiple_of) * multiple_of
-    tail = length - real
+    tail = _rounded_up(real, multiple_of) - real
     return {"input_ids": torch.tensor([input_ids + [padding_value] * tail]),
             "labels": torch.tensor([labels + [IGNORE_INDEX] * tail]),
             "position_ids": torch.tensor([position_ids + list(range(tail))]),
@@ -182,7 +185,7 @@ def collate(examples: list[Example], padding_value: int, multiple_of: int = 8) -
     Rounding keeps the number of distinct batch shapes small: GPU kernels (and torch.compile) are
     chosen per shape, and a new shape every step costs more than a few pad tokens.
     """
-    length = -(-max(len(e.input_ids) for e in examples) // multiple_of) * multiple_of
+    length = _rounded_up(max(len(e.input_ids) for e in examples), multiple_of)
     input_ids = torch.full((len(examples), length), padding_value, dtype=torch.long)
     labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), length), dtype=torch.long)

@@ -453,7 +453,8 @@ def train(
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16 and device.type == "cuda")
     _prepare_layers(model, config, dtype)
-    packed = config.packing and config.stage == "sft"
+    # What the batches are decides it (stage pt ignores --packing: its blocks are packed documents).
+    packed = isinstance(objective, SFTObjective) and objective.packing
     attention_after_training = _packed_attention(model, device) if packed else None
     fsdp = config.fsdp and group.world_size > 1
     if config.fsdp and method.name not in ("full", "freeze"):
