@@ -16,8 +16,7 @@ P = linear parameters (frozen base: no weight-gradient GEMMs), as in ../shared/b
   glmtune runs take flag suffixes: +group (--group_by_length), +compile (--torch_compile),
   +fp8 (--fp8), +nodrop (LoRA dropout 0 instead of 0.1; also for the hf16 rows),
   +ckpt (--gradient_checkpointing), +ckptN (only the first N layers), +plainloss (the model's own loss, logits at every position,
-  instead of glmtune's default label-only chunked loss), +pack (--packing), and two probes: +fp8fn (--fp8 through
-  fp8_function.py's autograd.Function), +cppwrapper (inductor's C++ wrapper), e.g. lora+group+compile
+  instead of glmtune's default label-only chunked loss), +pack (--packing), e.g. lora+group+compile
 
 Timing: a CUDA event is recorded at the end of every optimizer step (a global optimizer hook, the same for
 every runner, with no host sync), so each step's time is read off the GPU's timeline after the run. Tokens
@@ -31,7 +30,6 @@ Run on the device: python benchmarks/train_throughput.py [--runs seed,hf16,lora,
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import gc
 import json
@@ -261,18 +259,6 @@ def measure(run: str, args, device: str, data: list, extra: dict) -> dict:
 
 
 def _measure(run: str, args, device: str, data: list, extra: dict) -> dict:
-    """Probes of the host's share of a step: ``+cppwrapper``, inductor's C++ wrapper for the compiled layers
-    (less Python between kernels); ``+fp8fn``, ``--fp8`` through an autograd.Function (``fp8_function.py``)."""
-    import torch._inductor.config as inductor_config
-    from fp8_function import function_fp8
-
-    flags = run.split("+")
-    with inductor_config.patch(cpp_wrapper="cppwrapper" in flags), \
-            function_fp8() if "fp8fn" in flags else contextlib.nullcontext():
-        return _measure_one(run, args, device, data, extra)
-
-
-def _measure_one(run: str, args, device: str, data: list, extra: dict) -> dict:
     name, *flags = run.split("+")
     if name in ("seed", "hf16"):
         if "liger" in flags:  # patches transformers' Llama classes for the rest of the process: run it last
@@ -291,7 +277,7 @@ def _measure_one(run: str, args, device: str, data: list, extra: dict) -> dict:
         micro = args.glmtune_micro_batch
         method = "ptuning" if name == "chatglm6b-ptuning" else name
         flag_fields = {"group": "group_by_length", "compile": "torch_compile", "ckpt": "gradient_checkpointing", "fp8": "fp8",
-                       "fp8fn": "fp8", "pack": "packing"}
+                       "pack": "packing"}
         run_extra = {**extra, **{flag_fields[f]: True for f in flags if f in flag_fields}}
         for flag in flags:
             if flag.startswith("ckpt") and flag != "ckpt":  # +ckptN: checkpoint only the first N layers
