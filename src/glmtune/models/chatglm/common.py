@@ -50,6 +50,15 @@ class ChatGLMOutput(dict):
         return tuple(self.values())
 
 
+def positions_to_keep(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    """The [B, L, H] hidden states the LM head runs on, as transformers reads ``logits_to_keep``: an int keeps
+    the last n positions (0 = all), a 1-D tensor the positions it lists (empty: none, as glmtune's training loss,
+    which runs the head itself, asks for)."""
+    if isinstance(logits_to_keep, torch.Tensor):
+        return hidden_states[:, logits_to_keep]
+    return hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states
+
+
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean float32 cross-entropy of logits[:, :-1] against labels[:, 1:], ignoring -100."""
     shift_logits = logits[:, :-1].float()

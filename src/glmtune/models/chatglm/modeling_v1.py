@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from .common import ChatGLMGenerationMixin, ChatGLMOutput, KVCache, causal_lm_loss
+from .common import ChatGLMGenerationMixin, ChatGLMOutput, KVCache, causal_lm_loss, positions_to_keep
 
 # The original applies this dropout to the prefix keys/values (hard-coded there too).
 PREFIX_DROPOUT = 0.1
@@ -401,11 +401,11 @@ class ChatGLMForConditionalGeneration(ChatGLMGenerationMixin, PreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = True,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,
     ) -> ChatGLMOutput | tuple:
         """Inputs as the original: bool 4D `attention_mask` (True = masked) and `position_ids` [B, 2, L];
         both are built from `input_ids` when not given (each row needs a bos and a [gMASK]/[MASK]).
-        `logits_to_keep=n` computes logits for the last n positions only (0 = all)."""
+        `logits_to_keep=n` computes logits for the last n positions only (0 = all), a 1-D tensor for those it lists."""
         if output_attentions:
             raise NotImplementedError("output_attentions is not supported")
         if input_ids is None:
@@ -420,7 +420,7 @@ class ChatGLMForConditionalGeneration(ChatGLMGenerationMixin, PreTrainedModel):
             use_cache=use_cache,
             output_hidden_states=bool(output_hidden_states),
         )
-        logits = self.lm_head(hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states)
+        logits = self.lm_head(positions_to_keep(hidden_states, logits_to_keep))
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         if return_dict is False:
             return tuple(v for v in (loss, logits, presents, all_hidden_states) if v is not None)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from .common import ChatGLMGenerationMixin, ChatGLMOutput, KVCache, causal_lm_loss
+from .common import ChatGLMGenerationMixin, ChatGLMOutput, KVCache, causal_lm_loss, positions_to_keep
 
 # The original applies this dropout to the prefix keys/values (hard-coded there too).
 PREFIX_DROPOUT = 0.1
@@ -441,11 +441,11 @@ class ChatGLM2ForConditionalGeneration(ChatGLMGenerationMixin, PreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = True,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,
     ) -> ChatGLMOutput | tuple:
         """Inputs as the original: 2D int `attention_mask` (1 = token, 0 = pad) and `position_ids` [B, L]
         (default 0..L-1; pass them when using `past_key_values`). `logits_to_keep=n` computes logits for
-        the last n positions only (0 = all)."""
+        the last n positions only (0 = all), a 1-D tensor for those it lists."""
         if output_attentions:
             raise NotImplementedError("output_attentions is not supported")
         if input_ids is None:
@@ -461,7 +461,7 @@ class ChatGLM2ForConditionalGeneration(ChatGLMGenerationMixin, PreTrainedModel):
             output_hidden_states=bool(output_hidden_states),
         )
         output_layer = self.transformer.output_layer
-        logits = output_layer(hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states)
+        logits = output_layer(positions_to_keep(hidden_states, logits_to_keep))
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         if return_dict is False:
             return tuple(v for v in (loss, logits, presents, all_hidden_states) if v is not None)
