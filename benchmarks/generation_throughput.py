@@ -33,7 +33,7 @@ from common import build_proxy, environment, timed, write_json  # noqa: E402
 from glmtune.eval.generation import (GenerationSettings, auto_batch_size, decoder_for, generate_batch,  # noqa: E402
                                      generate_texts)
 
-ROWS = ("seed", "hf_dynamic", "hf_static", "chat_bf16", "ptuning", "lora", "eager", "compiled", "compiled_prefill", "serve", "exactness",
+ROWS = ("seed", "hf_dynamic", "hf_static", "chat_bf16", "ptuning", "lora", "eager", "compiled", "serve", "exactness",
         "chat_int4")
 
 
@@ -188,13 +188,6 @@ def main() -> None:
                       "tokens_per_s": round(generated / seconds, 1), "prefill_only_s": round(prefill_seconds, 3),
                       "peak_alloc_gib": peak_gib()})
 
-    def compiled_prefill_row(name, tuned):
-        """The compiled row with the prefill compiled too (compiled_prefill.py, a candidate not yet shipped)."""
-        from compiled_prefill import compiled_prefill
-
-        with compiled_prefill():
-            compiled_row(name, tuned)
-
     def ptuning_rows():
         from glmtune.methods.ptuning import PrefixTuningModel
 
@@ -207,8 +200,6 @@ def main() -> None:
     def lora_rows(lora):
         predict_row("glmtune_lora", lora)
         attempt("compiled:glmtune_lora_compiled", lambda: compiled_row("glmtune_lora_compiled", lora))
-        attempt("compiled_prefill:glmtune_lora_compiled_prefill",
-                lambda: compiled_prefill_row("glmtune_lora_compiled_prefill", lora))
         os.environ["GLMTUNE_CUDA_GRAPHS"] = "0"
         try:
             attempt("eager:glmtune_lora_eager_decode", lambda: predict_row("glmtune_lora_eager_decode", lora))

@@ -38,15 +38,18 @@ def test_batched_greedy_equals_unbatched(tiny_model, method):
 
 @pytest.mark.parametrize("method", [None, "ptuning"])
 def test_compiled_decode_steps_pick_the_eager_steps_tokens(tiny_llama, method):
-    """--compile_generation: the decode step through torch.compile (attending over the whole cache) decodes as eager steps do."""
+    """--compile_generation: the prefill and the decode step through torch.compile (attending over the whole cache) decode
+    as eager ones do; two batches of different prompt lengths, so the prefill's second, dynamic compilation runs too."""
     model = float32_model(tiny_llama, method)
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
-    prompts, stops = prompts_of(tokenizer), [tokenizer.eos_token_id]
-    eager = generate_batch(model, prompts, tokenizer.pad_token_id, stops, GenerationSettings(max_new_tokens=12))
-    frames = torch._dynamo.utils.counters["frames"]["ok"]
-    compiled = generate_batch(model, prompts, tokenizer.pad_token_id, stops, GenerationSettings(max_new_tokens=12, compile_steps=True))
-    assert torch._dynamo.utils.counters["frames"]["ok"] > frames  # the steps did go through torch.compile
-    assert compiled == eager and any(eager)
+    stops = [tokenizer.eos_token_id]
+    for prompts in (prompts_of(tokenizer), prompts_of(tokenizer)[1::2]):
+        eager = generate_batch(model, prompts, tokenizer.pad_token_id, stops, GenerationSettings(max_new_tokens=12))
+        frames = torch._dynamo.utils.counters["frames"]["ok"]
+        compiled = generate_batch(model, prompts, tokenizer.pad_token_id, stops,
+                                  GenerationSettings(max_new_tokens=12, compile_steps=True))
+        assert torch._dynamo.utils.counters["frames"]["ok"] > frames  # prefill and steps did go through torch.compile
+        assert compiled == eager and any(eager)
 
 
 def test_generate_texts_keeps_prompt_order_and_sampling_is_seeded(tiny_llama):

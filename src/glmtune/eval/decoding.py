@@ -15,8 +15,9 @@ Why our own loop and not ``model.generate``: the P-Tuning v2 prefix lives in the
 ``generate`` assumes belongs to tokens of ``input_ids``; ``generate`` cannot admit new rows into a
 running batch; and on the H200 its static cache needs a 31 s ``torch.compile`` warm-up per batch
 shape. Here the graphs replay eager kernels, so capturing one costs three forward passes, and the whole
-predict job still runs 1.08x faster than ``generate`` with its compiled static cache at the same batch size
-(1.22x with ``--compile_generation``; benchmarks/RESULTS.md, issue 13 run 2).
+predict job still runs 1.07x faster than ``generate`` with its compiled static cache at the same batch size
+(1.31x with ``--compile_generation``, which compiles the prefill and the decode step; benchmarks/RESULTS.md,
+issue 13 run 3).
 
 The attention mask is built from a preallocated ``valid`` table on the device and handed to the
 model as a finished 4D mask (transformers returns such masks as they are). Each query position also
@@ -42,6 +43,9 @@ from glmtune.models.introspect import attention_shape, text_config
 # four sizes per doubling (80, 96, 112, 128, 160, ...), so attention reads little more than it needs
 # (it is a third of a decode step at batch 535 on the 7.66B proxy) and a long chat needs few graphs.
 MIN_VISIBLE = 64
+# Compiled prefills (``--compile_generation``) come in prompt lengths rounded up to a multiple of this, each
+# shape compiled once: up to 15 pad tokens a row against a compilation per distinct length.
+PREFILL_BUCKET = 16
 
 
 def innermost(model: nn.Module) -> nn.Module:
@@ -255,8 +259,13 @@ class SlotDecoder:
         self.use_graphs = use_graphs
         # Compiled steps fuse the norms, rotary and activations (23 instead of 28 ms a step at 535 rows on the
         # H200) but each new shape costs a compilation (about 26 s): they attend over the whole cache, one shape.
+        # The prefill is compiled too, for its unfused elementwise work and copies (0.39 of 1.07 s at 535 x 64
+        # tokens, run 2's profile; 14,026 -> 15,095 tokens/s, issue 13 run 3). With static shapes: a compiled
+        # prefill fills all the room before ``position``, which ``decode`` rounds up to PREFILL_BUCKET, so a run
+        # compiles one prefill per bucket (dynamic sizes failed in inductor's CPU SDPA lowering, torch 2.13).
         self.compiled = compile_steps
         self._step_forward = torch.compile(self._forward, dynamic=False) if compile_steps else self._forward
+        self._prefill_forward = torch.compile(self._forward, dynamic=False) if compile_steps else self._forward
         self.valid = torch.ones(slots, self.capacity, dtype=torch.bool, device=self.device)
         self.tokens = torch.zeros(slots, 1, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(slots, dtype=torch.long, device=self.device)
@@ -292,6 +301,8 @@ class SlotDecoder:
     def prefill(self, rows: list[int], prompts: list[list[int]], pad_token_id: int) -> torch.Tensor:
         """Write each prompt right-aligned to ``position`` in its row; the next-token logits ``[rows, vocab]``."""
         end, length = self.position, max(len(p) for p in prompts)
+        if self.compiled:
+            length = max(length, end - self.prefix_length)
         if end - length < self.prefix_length:
             raise ValueError(f"a prompt of {length} tokens does not fit before position {end}")
         input_ids = torch.full((len(prompts), length), pad_token_id, dtype=torch.long)
@@ -313,7 +324,8 @@ class SlotDecoder:
         cache.visible = end
         hook = self.head.register_forward_pre_hook(_contiguous_input) if self.head is not None else None
         try:
-            logits = self._forward(input_ids, prefix_positions(attention), self._mask(write_slots, self.valid[row_index], end))
+            logits = self._prefill_forward(input_ids, prefix_positions(attention),
+                                           self._mask(write_slots, self.valid[row_index], end))
         finally:
             cache.rows = None
             if hook is not None:

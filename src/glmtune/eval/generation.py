@@ -17,8 +17,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from glmtune.errors import GlmtuneError
-from glmtune.eval.decoding import (SlotDecoder, TokenHistory, choose_tokens, innermost, kv_bytes_per_position,
-                                   needs_history, sampling_noise)
+from glmtune.eval.decoding import (PREFILL_BUCKET, SlotDecoder, TokenHistory, choose_tokens, innermost,
+                                   kv_bytes_per_position, needs_history, sampling_noise)
 from glmtune.methods.ptuning import PrefixTuningModel
 from glmtune.models.introspect import attention_shape, text_config
 
@@ -40,7 +40,7 @@ class GenerationSettings:
     #: Per-request constrained decoding (serve's tool calls / JSON): called each step with the tokens
     #: picked at the previous step (None at the first) and the next-token logits; returns the logits to pick from.
     logits_processor: Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor] | None = None
-    #: Decode steps through torch.compile (predict/compare ``--compile_generation``): faster steps after a
+    #: Prefill and decode steps through torch.compile (predict/compare ``--compile_generation``): faster after a
     #: one-time compilation, for long prediction runs on a GPU.
     compile_steps: bool = False
 
@@ -73,7 +73,11 @@ def decode(decoder: SlotDecoder, prompts: list[list[int]], pad_token_id: int, st
            settings: GenerationSettings, generator: torch.Generator | None = None) -> torch.Tensor:
     """``[rows, steps]`` new tokens of each prompt (``pad_token_id`` after a row's stop token)."""
     device, rows = decoder.device, len(prompts)
-    decoder.position = decoder.prefix_length + max(len(p) for p in prompts)
+    longest = max(len(p) for p in prompts)
+    if decoder.compiled:  # few prefill shapes, each compiled once (SlotDecoder.__init__)
+        room = decoder.capacity - decoder.prefix_length - settings.max_new_tokens
+        longest = max(longest, min(-(-longest // PREFILL_BUCKET) * PREFILL_BUCKET, room))
+    decoder.position = decoder.prefix_length + longest
     for row in range(rows, decoder.slots):
         decoder.release(row)
     logits = decoder.prefill(list(range(rows)), prompts, pad_token_id)
