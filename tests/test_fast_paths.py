@@ -187,6 +187,25 @@ def test_native_chatglm_ptuning_matches(version):
     assert_label_loss_matches(model, batch, chunk_rows=2)
 
 
+@pytest.mark.parametrize("version", [0, 1, 2])  # 0: a transformers model; 1, 2: native ChatGLM-6B and ChatGLM2
+def test_the_head_runs_only_on_label_rows(tiny_llama, version):
+    """The model's own head gets no position (its last-position logits were a 4 ms batched GEMM a step on the H200)."""
+    if version:
+        model, batch = chatglm_model(version)
+        head = model.lm_head if version == 1 else model.transformer.output_layer
+    else:
+        model, batch = prepared(tiny_llama, "lora"), collate(EXAMPLES, 0)
+        head = model.get_output_embeddings()
+    rows_seen = []
+    hook = head.register_forward_hook(lambda module, args, output: rows_seen.append(args[0].shape[:-1].numel()))
+    try:
+        label_loss(model, batch["input_ids"], batch["labels"])
+    finally:
+        hook.remove()
+    label_positions = int((batch["labels"][:, 1:] != -100).sum())
+    assert sorted(rows_seen) == [0, label_positions]
+
+
 def test_checkpointing_some_layers_gives_the_same_gradients(tiny_llama):
     """--gradient_checkpointing_layers N recomputes only the first N layers; the gradients do not change."""
     batch = collate(EXAMPLES, 0)
