@@ -270,7 +270,8 @@ class GenerationConfig:
     )
     compile_generation: bool = _help(
         "predict/compare on a GPU: prefill and decode steps through torch.compile (compilations of about "
-        "1.5 minutes, then 1.22x faster on the H200; pays off for long runs only: benchmarks/RESULTS.md).", default=False
+        "1.5 minutes, then 1.22-1.31x faster on the H200; pays off for long runs only: benchmarks/RESULTS.md).",
+        default=False
     )
 
 
