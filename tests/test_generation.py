@@ -39,7 +39,7 @@ def test_batched_greedy_equals_unbatched(tiny_model, method):
 @pytest.mark.parametrize("method", [None, "ptuning"])
 def test_compiled_decode_steps_pick_the_eager_steps_tokens(tiny_llama, method):
     """--compile_generation: the prefill and the decode step through torch.compile (attending over the whole cache) decode
-    as eager ones do; two batches of different prompt lengths, so the prefill's second, dynamic compilation runs too."""
+    as eager ones do; two batches of different shapes, so the prefill compiles a second (static) shape too."""
     model = float32_model(tiny_llama, method)
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     stops = [tokenizer.eos_token_id]

@@ -261,11 +261,10 @@ class SlotDecoder:
         # H200) but each new shape costs a compilation (about 26 s): they attend over the whole cache, one shape.
         # The prefill is compiled too, for its unfused elementwise work and copies (0.39 of 1.07 s at 535 x 64
         # tokens, run 2's profile; 14,026 -> 15,095 tokens/s, issue 13 run 3). With static shapes: a compiled
-        # prefill fills all the room before ``position``, which ``decode`` rounds up to PREFILL_BUCKET, so a run
-        # compiles one prefill per bucket (dynamic sizes failed in inductor's CPU SDPA lowering, torch 2.13).
+        # prefill fills all the room before ``position``, which ``start_batch`` rounds up to PREFILL_BUCKET, so a
+        # run compiles one prefill per bucket (dynamic sizes failed in inductor's CPU SDPA lowering, torch 2.13).
         self.compiled = compile_steps
-        self._step_forward = torch.compile(self._forward, dynamic=False) if compile_steps else self._forward
-        self._prefill_forward = torch.compile(self._forward, dynamic=False) if compile_steps else self._forward
+        self._run_forward = torch.compile(self._forward, dynamic=False) if compile_steps else self._forward
         self.valid = torch.ones(slots, self.capacity, dtype=torch.bool, device=self.device)
         self.tokens = torch.zeros(slots, 1, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(slots, dtype=torch.long, device=self.device)
@@ -297,6 +296,15 @@ class SlotDecoder:
 
     # ---- prompts ----
 
+    def start_batch(self, longest_prompt: int, new_tokens: int) -> None:
+        """Put the shared write position after the longest prompt of a new batch. Compiled, it is rounded up to
+        PREFILL_BUCKET where the room allows, so prefills come in few shapes (each compiled once)."""
+        length = longest_prompt
+        if self.compiled:
+            room = self.capacity - self.prefix_length - new_tokens
+            length = max(length, min(-(-length // PREFILL_BUCKET) * PREFILL_BUCKET, room))
+        self.position = self.prefix_length + length
+
     @torch.no_grad()
     def prefill(self, rows: list[int], prompts: list[list[int]], pad_token_id: int) -> torch.Tensor:
         """Write each prompt right-aligned to ``position`` in its row; the next-token logits ``[rows, vocab]``."""
@@ -324,8 +332,8 @@ class SlotDecoder:
         cache.visible = end
         hook = self.head.register_forward_pre_hook(_contiguous_input) if self.head is not None else None
         try:
-            logits = self._prefill_forward(input_ids, prefix_positions(attention),
-                                           self._mask(write_slots, self.valid[row_index], end))
+            logits = self._run_forward(input_ids, prefix_positions(attention),
+                                       self._mask(write_slots, self.valid[row_index], end))
         finally:
             cache.rows = None
             if hook is not None:
@@ -356,12 +364,12 @@ class SlotDecoder:
         cache.active, cache.visible = active, visible
         mask = self._mask(cache.write_at, self.valid[:active], visible)
         if self.attention != "sdpa":  # eager attention: the model's own, over the whole cache
-            return self._step_forward(self.tokens[:active], self.positions[:active, None], mask)
+            return self._run_forward(self.tokens[:active], self.positions[:active, None], mask)
         shared = _shared_prefix(self._attention_modules, cache.layers) if self._prefix_apart else contextlib.nullcontext()
         cache.prefix_apart = self._prefix_apart
         try:
             with _attention_implementation(self.config, DECODE_ATTENTION), shared:
-                return self._step_forward(self.tokens[:active], self.positions[:active, None], mask)
+                return self._run_forward(self.tokens[:active], self.positions[:active, None], mask)
         finally:
             cache.prefix_apart = False
 

@@ -17,8 +17,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from glmtune.errors import GlmtuneError
-from glmtune.eval.decoding import (PREFILL_BUCKET, SlotDecoder, TokenHistory, choose_tokens, innermost,
-                                   kv_bytes_per_position, needs_history, sampling_noise)
+from glmtune.eval.decoding import (SlotDecoder, TokenHistory, choose_tokens, innermost, kv_bytes_per_position,
+                                   needs_history, sampling_noise)
 from glmtune.methods.ptuning import PrefixTuningModel
 from glmtune.models.introspect import attention_shape, text_config
 
@@ -73,11 +73,7 @@ def decode(decoder: SlotDecoder, prompts: list[list[int]], pad_token_id: int, st
            settings: GenerationSettings, generator: torch.Generator | None = None) -> torch.Tensor:
     """``[rows, steps]`` new tokens of each prompt (``pad_token_id`` after a row's stop token)."""
     device, rows = decoder.device, len(prompts)
-    longest = max(len(p) for p in prompts)
-    if decoder.compiled:  # few prefill shapes, each compiled once (SlotDecoder.__init__)
-        room = decoder.capacity - decoder.prefix_length - settings.max_new_tokens
-        longest = max(longest, min(-(-longest // PREFILL_BUCKET) * PREFILL_BUCKET, room))
-    decoder.position = decoder.prefix_length + longest
+    decoder.start_batch(max(len(p) for p in prompts), settings.max_new_tokens)
     for row in range(rows, decoder.slots):
         decoder.release(row)
     logits = decoder.prefill(list(range(rows)), prompts, pad_token_id)
