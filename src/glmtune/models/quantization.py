@@ -129,29 +129,19 @@ def _dequantizer(device: torch.device):
     return dequantize_weight
 
 
-# Inputs of at most this many rows (decoding a few sequences) take the fused dequantize-and-multiply on CUDA.
+# Inputs of at most this many rows (decoding a few sequences) take the batch-1 kernel on CUDA
+# (models/quantized_matvec.py), which reads the packed weight once: batch-1 decoding with the separate
+# dequantize kernel wrote and re-read a full bf16 copy of every weight per token.
 MATVEC_ROWS = 4
 
 
-def dequantize_matvec(
-    x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bits: int, dtype: torch.dtype, pairs: torch.Tensor | None
-) -> torch.Tensor:
-    """``x @ W.T`` for a few rows ``x``, written as a product and a sum so that, compiled, the dequantization
-    happens inside the reduction: the weight is read once in 4 or 8 bits and never written out in ``dtype``."""
-    weight = dequantize_weight(codes, scale, bits, dtype, pairs)
-    return (x[:, None, :].float() * weight[None].float()).sum(-1).to(dtype)
+def _use_matvec(x: torch.Tensor, bits: int, in_features: int) -> bool:
+    if not (x.device.type == "cuda" and COMPILE_ON_CUDA and not torch.is_grad_enabled()
+            and x.numel() // in_features <= MATVEC_ROWS and _dequantizer(x.device) is not dequantize_weight):
+        return False
+    from glmtune.models.quantized_matvec import supported
 
-
-@functools.cache
-def _compiled_matvec():
-    # Batch-1 decoding with the separate dequantize kernel wrote and re-read a full bf16 copy of every
-    # weight per token (RESULTS.md: INT4 batch 1 at 12 tokens/s against 60 in bf16).
-    return torch.compile(dequantize_matvec, dynamic=False)
-
-
-def _use_matvec(x: torch.Tensor, in_features: int) -> bool:
-    return (x.device.type == "cuda" and COMPILE_ON_CUDA and not torch.is_grad_enabled()
-            and x.numel() // in_features <= MATVEC_ROWS and _dequantizer(x.device) is not dequantize_weight)
+    return supported(bits, in_features)
 
 
 class _QuantizedMatmul(torch.autograd.Function):
@@ -195,8 +185,9 @@ class QuantizedLinear(nn.Linear):
         codes, scale = quantize_weight(linear.weight, bits)
         self.register_buffer("weight", codes)
         self.register_buffer("weight_scale", scale)
-        # Kept on the module so that it follows the model's device and torch.compile sees a tensor.
+        # Kept on the module so that they follow the model's device and torch.compile sees tensors.
         self.register_buffer("nf4_pairs", nf4_pairs() if bits == 4 else None, persistent=False)
+        self.register_buffer("nf4_levels", torch.tensor(NF4_LEVELS) if bits == 4 else None, persistent=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
     def row_slices(self) -> list[slice]:
@@ -212,11 +203,13 @@ class QuantizedLinear(nn.Linear):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _use_matvec(x, self.in_features):
-            if self.nf4_pairs is not None and self.nf4_pairs.device != x.device:  # made after the move to the GPU
-                self.nf4_pairs = self.nf4_pairs.to(x.device)
+        if _use_matvec(x, self.bits, self.in_features):
+            from glmtune.models.quantized_matvec import quantized_matvec
+
+            if self.nf4_levels is not None and self.nf4_levels.device != x.device:  # made after the move to the GPU
+                self.nf4_levels = self.nf4_levels.to(x.device)
             rows = x.reshape(-1, self.in_features)
-            output = _compiled_matvec()(rows, self.weight, self.weight_scale, self.bits, x.dtype, self.nf4_pairs)
+            output = quantized_matvec(rows, self.weight, self.weight_scale, self.bits, self.nf4_levels)
             output = output.view(*x.shape[:-1], self.out_features)
         else:
             output = _QuantizedMatmul.apply(x, self)
