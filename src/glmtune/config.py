@@ -269,8 +269,9 @@ class GenerationConfig:
         "index's own embedding model, if it has one).", default=None
     )
     compile_generation: bool = _help(
-        "predict/compare on a GPU: prefill and decode steps through torch.compile (compilations of about "
-        "1.5 minutes, then 1.22-1.31x faster on the H200; pays off for long runs only: benchmarks/RESULTS.md).",
+        "On a GPU, through torch.compile: predict/compare's prefills and decode steps (compilations of 1.5-2 "
+        "minutes, then 1.25-1.31x faster on the H200: for long runs); chat/web/serve's decode steps (47 s, then "
+        "186 instead of 148 tokens/s at batch 1). benchmarks/RESULTS.md, issue 13.",
         default=False
     )
 

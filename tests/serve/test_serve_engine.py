@@ -1,8 +1,10 @@
 """The engine behind chat, web and serve: streaming text, batching, base-vs-tuned, context limits."""
 
+import dataclasses
 import threading
 
 import pytest
+import torch
 
 from glmtune.config import GlmtuneConfig
 from glmtune.errors import GlmtuneError
@@ -56,6 +58,21 @@ def test_concurrent_jobs_batch_without_mixing(lora_engine):
     together = ["".join(o.text for o in results[i]) for i in range(len(queries))]
     assert together == alone
     assert all(results[i][-1].finish_reason in ("stop", "length") for i in results)
+
+
+def test_compiled_decode_steps_answer_as_eager_ones(tiny_llama, lora_run):
+    """chat/web/serve --compile_generation: the engine's decode steps go through torch.compile, its prefills not."""
+    config = GlmtuneConfig(model_name_or_path=str(tiny_llama), adapter_name_or_path=str(lora_run), max_new_tokens=12)
+    eager, compiled = Engine.from_config(config), Engine.from_config(dataclasses.replace(config, compile_generation=True))
+    queries = [QUERY, "类型#裙"]
+    expected = [answer(eager, [], q) for q in queries]
+    torch._dynamo.reset()  # compilations cached by earlier tests would not count below
+    frames = torch._dynamo.utils.counters["frames"]["ok"]
+    assert [answer(compiled, [], q) for q in queries] == expected and any(expected)
+    assert compiled._decoder.compiled and not compiled._decoder.compiled_prefill
+    assert torch._dynamo.utils.counters["frames"]["ok"] > frames
+    eager.close()
+    compiled.close()
 
 
 def test_max_new_tokens_and_finish_reason(lora_engine):

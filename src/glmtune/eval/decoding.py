@@ -232,7 +232,7 @@ class SlotDecoder:
     """A model, its slot cache and the buffers and graphs of its decode step."""
 
     def __init__(self, model: nn.Module, slots: int, capacity: int, use_graphs: bool | None = None,
-                 compile_steps: bool = False):
+                 compile_steps: bool = False, compile_prefill: bool | None = None):
         prefix_model = model if isinstance(model, PrefixTuningModel) else None
         self.runner = prefix_model.base_model if prefix_model else model
         inner = innermost(model)
@@ -263,8 +263,12 @@ class SlotDecoder:
         # tokens, run 2's profile; 14,026 -> 15,095 tokens/s, issue 13 run 3). With static shapes: a compiled
         # prefill fills all the room before ``position``, which ``start_batch`` rounds up to PREFILL_BUCKET, so a
         # run compiles one prefill per bucket (dynamic sizes failed in inductor's CPU SDPA lowering, torch 2.13).
+        # Chat leaves its prefills eager (``compile_prefill=False``): every new prompt length would compile.
         self.compiled = compile_steps
-        self._run_forward = torch.compile(self._forward, dynamic=False) if compile_steps else self._forward
+        self.compiled_prefill = compile_steps if compile_prefill is None else compile_prefill
+        compiled_forward = torch.compile(self._forward, dynamic=False) if compile_steps or compile_prefill else None
+        self._step_forward = compiled_forward if compile_steps else self._forward
+        self._prefill_forward = compiled_forward if self.compiled_prefill else self._forward
         self.valid = torch.ones(slots, self.capacity, dtype=torch.bool, device=self.device)
         self.tokens = torch.zeros(slots, 1, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(slots, dtype=torch.long, device=self.device)
@@ -300,7 +304,7 @@ class SlotDecoder:
         """Put the shared write position after the longest prompt of a new batch. Compiled, it is rounded up to
         PREFILL_BUCKET where the room allows, so prefills come in few shapes (each compiled once)."""
         length = longest_prompt
-        if self.compiled:
+        if self.compiled_prefill:
             room = self.capacity - self.prefix_length - new_tokens
             length = max(length, min(-(-length // PREFILL_BUCKET) * PREFILL_BUCKET, room))
         self.position = self.prefix_length + length
@@ -309,7 +313,7 @@ class SlotDecoder:
     def prefill(self, rows: list[int], prompts: list[list[int]], pad_token_id: int) -> torch.Tensor:
         """Write each prompt right-aligned to ``position`` in its row; the next-token logits ``[rows, vocab]``."""
         end, length = self.position, max(len(p) for p in prompts)
-        if self.compiled:
+        if self.compiled_prefill:
             length = max(length, end - self.prefix_length)
         if end - length < self.prefix_length:
             raise ValueError(f"a prompt of {length} tokens does not fit before position {end}")
@@ -332,7 +336,7 @@ class SlotDecoder:
         cache.visible = end
         hook = self.head.register_forward_pre_hook(_contiguous_input) if self.head is not None else None
         try:
-            logits = self._run_forward(input_ids, prefix_positions(attention),
+            logits = self._prefill_forward(input_ids, prefix_positions(attention),
                                        self._mask(write_slots, self.valid[row_index], end))
         finally:
             cache.rows = None
@@ -364,12 +368,12 @@ class SlotDecoder:
         cache.active, cache.visible = active, visible
         mask = self._mask(cache.write_at, self.valid[:active], visible)
         if self.attention != "sdpa":  # eager attention: the model's own, over the whole cache
-            return self._run_forward(self.tokens[:active], self.positions[:active, None], mask)
+            return self._step_forward(self.tokens[:active], self.positions[:active, None], mask)
         shared = _shared_prefix(self._attention_modules, cache.layers) if self._prefix_apart else contextlib.nullcontext()
         cache.prefix_apart = self._prefix_apart
         try:
             with _attention_implementation(self.config, DECODE_ATTENTION), shared:
-                return self._run_forward(self.tokens[:active], self.positions[:active, None], mask)
+                return self._step_forward(self.tokens[:active], self.positions[:active, None], mask)
         finally:
             cache.prefix_apart = False
 

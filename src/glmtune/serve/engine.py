@@ -331,7 +331,11 @@ class Engine:
             else:
                 budget = CPU_CACHE_BYTES
             slots = int(max(1, min(MAX_BATCH, budget // per_row)))
-            self._decoder, self._decoder_view = SlotDecoder(model, slots, self.context_length), view
+            # --compile_generation: decode steps through torch.compile (prefills stay eager: every new prompt
+            # length would compile), attending over the whole context.
+            decoder = SlotDecoder(model, slots, self.context_length, compile_steps=self.config.compile_generation,
+                                  compile_prefill=False)
+            self._decoder, self._decoder_view = decoder, view
         return self._decoder
 
     def _admit(self, decoder: SlotDecoder, rows: dict[int, _Row], jobs: list[Job]) -> list[Job]:
