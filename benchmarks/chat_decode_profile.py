@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import build_proxy, environment, sync, timed, write_json  # noqa: E402
+from common import build_proxy, environment, microseconds, timed, write_json  # noqa: E402
 from generation_profile import kernel_table  # noqa: E402
 
 import glmtune.models.quantization as quantization  # noqa: E402
@@ -72,28 +72,8 @@ SHAPE_CALLS = {"4096x4096": 4, "13696x4096": 2, "4096x13696": 1}
 
 
 def product_rows(shapes: list[tuple[int, int, int]], device: str, repeats: int) -> dict:
-    """Each weight shape's batch-1 product alone, per kernel, timed over ``repeats`` calls replayed from a CUDA
-    graph (launched one by one from Python, a call of a few microseconds of work costs tens)."""
+    """Each weight shape's batch-1 product alone, per kernel (``common.microseconds``)."""
     from glmtune.models.quantized_matvec import quantized_matvec, supported
-
-    def microseconds(function) -> float:
-        function()
-        sync()
-        if device != "cuda":
-            _, seconds = timed(lambda: [function() for _ in range(repeats)])
-            return seconds / repeats * 1e6
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            function()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(repeats):
-                function()
-        graph.replay()
-        _, seconds = timed(lambda: [graph.replay() for _ in range(5)])
-        return seconds / (5 * repeats) * 1e6
 
     compiled = torch.compile(dequantize_matvec, dynamic=False)
     results = {}
@@ -105,9 +85,9 @@ def product_rows(shapes: list[tuple[int, int, int]], device: str, repeats: int) 
         x = torch.randn(1, in_features, device=device, dtype=torch.bfloat16)
         packed_bytes = codes.numel() * codes.element_size() + scale.numel() * scale.element_size()
         row = {"bf16_bytes": weight.numel() * 2, "packed_bytes": packed_bytes}
-        bf16_us = microseconds(lambda: torch.nn.functional.linear(x, weight))
+        bf16_us = microseconds(lambda: torch.nn.functional.linear(x, weight), repeats)
         row["bf16_cublas"] = {"us": round(bf16_us, 2), "GB_per_s": round(weight.numel() * 2 / bf16_us / 1e3, 1)}
-        compiled_us = microseconds(lambda: compiled(x, codes, scale, bits, torch.bfloat16, pairs))
+        compiled_us = microseconds(lambda: compiled(x, codes, scale, bits, torch.bfloat16, pairs), repeats)
         row["compiled_reduction"] = {"us": round(compiled_us, 2), "GB_per_s": round(packed_bytes / compiled_us / 1e3, 1)}
         reference = torch.nn.functional.linear(x.float(), quantization.dequantize_weight(codes, scale, bits, torch.float32))
         for blocks in (NF4_SWEEP if bits == 4 else INT8_SWEEP) if supported(bits, in_features) else []:
@@ -115,7 +95,7 @@ def product_rows(shapes: list[tuple[int, int, int]], device: str, repeats: int) 
             try:
                 run = lambda: quantized_matvec(x, codes, scale, bits, levels, blocks)  # noqa: E731, B023
                 error = ((run().float() - reference).abs().max() / reference.abs().max()).item()
-                us = microseconds(run)
+                us = microseconds(run, repeats)
                 row[name] = {"us": round(us, 2), "GB_per_s": round(packed_bytes / us / 1e3, 1),
                              "max_error_relative_to_largest_output": round(error, 5)}
             except Exception as failure:  # noqa: BLE001 - a block size this build refuses

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from chat_decode_profile import SHAPE_CALLS, chat_row  # noqa: E402
-from common import build_proxy, environment, sync, timed, write_json  # noqa: E402
+from common import build_proxy, environment, microseconds, write_json  # noqa: E402
 
 import glmtune.models.quantized_matvec as shipped  # noqa: E402
 from glmtune.models import quantization  # noqa: E402
@@ -92,26 +92,6 @@ def variant_matvec(name: str, blocks):
         return output.to(x.dtype)
 
     return matvec
-
-
-def microseconds(function, repeats: int) -> float:
-    function()
-    sync()
-    if not torch.cuda.is_available():
-        _, seconds = timed(lambda: [function() for _ in range(repeats)])
-        return seconds / repeats * 1e6
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        function()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(repeats):
-            function()
-    graph.replay()
-    _, seconds = timed(lambda: [graph.replay() for _ in range(5)])
-    return seconds / (5 * repeats) * 1e6
 
 
 def main() -> None:
