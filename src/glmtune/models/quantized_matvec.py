@@ -7,6 +7,8 @@ machine's libraries have no kernel for these layouts, and the reduction that ``t
 same arithmetic ran INT4 chat at 50 tokens/s (110 with this kernel) and INT8 at 144 (run 2 of
 benchmarks/chat_decode_profile.py, RESULTS.md issue 13).
 
+Row offsets into the codes are 64-bit: a 262,144 x 8,192 int8 head has more than 2**31 codes.
+
 Each program owns a block of output features of one input row and walks the inputs a block at a time: it
 loads the codes (two NF4 codes or one int8 code a byte), looks the NF4 levels up, scales them by their group's
 (NF4) or row's (int8) scale and accumulates ``x * w`` in float32. Programs of the same features but different
@@ -37,7 +39,7 @@ def _int8_kernel(x_ptr, codes_ptr, scale_ptr, out_ptr, rows, out_features, in_fe
     for start in range(0, in_features, BLOCK_K):
         offsets = start + tl.arange(0, BLOCK_K)
         offset_ok = offsets < in_features
-        codes = tl.load(codes_ptr + features[:, None] * in_features + offsets[None, :],
+        codes = tl.load(codes_ptr + features.to(tl.int64)[:, None] * in_features + offsets[None, :],
                         mask=feature_ok[:, None] & offset_ok[None, :], other=0)
         x = tl.load(x_ptr + row * in_features + offsets, mask=offset_ok, other=0.0).to(tl.float32)
         total += codes.to(tl.float32) * x[None, :]
@@ -61,7 +63,8 @@ def _nf4_kernel(x_ptr, codes_ptr, scale_ptr, levels_ptr, out_ptr, rows, out_feat
         offsets = start + tl.arange(0, BLOCK_K)
         offset_ok = offsets < bytes_per_row
         ok = feature_ok[:, None] & offset_ok[None, :]
-        packed = tl.load(codes_ptr + features[:, None] * bytes_per_row + offsets[None, :], mask=ok, other=0).to(tl.int32)
+        packed = tl.load(codes_ptr + features.to(tl.int64)[:, None] * bytes_per_row + offsets[None, :], mask=ok,
+                         other=0).to(tl.int32)
         low = tl.load(levels_ptr + (packed & 15)).to(tl.float32)
         high = tl.load(levels_ptr + (packed >> 4)).to(tl.float32)
         x_even = tl.load(x_ptr + row * in_features + 2 * offsets, mask=offset_ok, other=0.0).to(tl.float32)
