@@ -73,7 +73,7 @@ SHAPE_CALLS = {"4096x4096": 4, "13696x4096": 2, "4096x13696": 1}
 
 def product_rows(shapes: list[tuple[int, int, int]], device: str, repeats: int) -> dict:
     """Each weight shape's batch-1 product alone, per kernel (``common.microseconds``)."""
-    from glmtune.models.quantized_matvec import quantized_matvec, supported
+    from glmtune.models.quantized_matvec import quantized_matvec
 
     compiled = torch.compile(dequantize_matvec, dynamic=False)
     results = {}
@@ -90,7 +90,7 @@ def product_rows(shapes: list[tuple[int, int, int]], device: str, repeats: int) 
         compiled_us = microseconds(lambda: compiled(x, codes, scale, bits, torch.bfloat16, pairs), repeats)
         row["compiled_reduction"] = {"us": round(compiled_us, 2), "GB_per_s": round(packed_bytes / compiled_us / 1e3, 1)}
         reference = torch.nn.functional.linear(x.float(), quantization.dequantize_weight(codes, scale, bits, torch.float32))
-        for blocks in (NF4_SWEEP if bits == 4 else INT8_SWEEP) if supported(bits, in_features) else []:
+        for blocks in NF4_SWEEP if bits == 4 else INT8_SWEEP:
             name = "triton_n{}_k{}_w{}".format(*blocks)
             try:
                 run = lambda: quantized_matvec(x, codes, scale, bits, levels, blocks)  # noqa: E731, B023

@@ -34,10 +34,7 @@ from glmtune.models import quantization  # noqa: E402
 @triton.jit
 def _tile3d(x_ptr, codes_ptr, scale_ptr, levels_ptr, out_ptr, rows, out_features, in_features,
             BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, REGISTERS: tl.constexpr):
-    program = tl.program_id(0)
-    row = program % rows
-    features = (program // rows) * BLOCK_N + tl.arange(0, BLOCK_N)
-    feature_ok = features < out_features
+    row, features, feature_ok = shipped.program_features(rows, out_features, BLOCK_N)
     groups_per_row = in_features // 64
     group_offsets = tl.arange(0, GROUPS)
     byte_offsets = tl.arange(0, 32)[None, None, :]

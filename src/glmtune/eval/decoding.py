@@ -337,7 +337,7 @@ class SlotDecoder:
         hook = self.head.register_forward_pre_hook(_contiguous_input) if self.head is not None else None
         try:
             logits = self._prefill_forward(input_ids, prefix_positions(attention),
-                                       self._mask(write_slots, self.valid[row_index], end))
+                                           self._mask(write_slots, self.valid[row_index], end))
         finally:
             cache.rows = None
             if hook is not None:

@@ -135,13 +135,9 @@ def _dequantizer(device: torch.device):
 MATVEC_ROWS = 4
 
 
-def _use_matvec(x: torch.Tensor, bits: int, in_features: int) -> bool:
-    if not (x.device.type == "cuda" and COMPILE_ON_CUDA and not torch.is_grad_enabled()
-            and x.numel() // in_features <= MATVEC_ROWS and _dequantizer(x.device) is not dequantize_weight):
-        return False
-    from glmtune.models.quantized_matvec import supported
-
-    return supported(bits, in_features)
+def _use_matvec(x: torch.Tensor, in_features: int) -> bool:
+    return (x.device.type == "cuda" and COMPILE_ON_CUDA and not torch.is_grad_enabled()
+            and x.numel() // in_features <= MATVEC_ROWS and _dequantizer(x.device) is not dequantize_weight)
 
 
 class _QuantizedMatmul(torch.autograd.Function):
@@ -203,7 +199,7 @@ class QuantizedLinear(nn.Linear):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _use_matvec(x, self.bits, self.in_features):
+        if _use_matvec(x, self.in_features):
             from glmtune.models.quantized_matvec import quantized_matvec
 
             if self.nf4_levels is not None and self.nf4_levels.device != x.device:  # made after the move to the GPU

@@ -25,16 +25,20 @@ import triton.language as tl
 # benchmarks/chat_decode_profile.py and nf4_kernel_variants.py on the H200.
 INT8_BLOCKS = (16, 256, 4)
 NF4_BLOCKS = (4, 256, 2)
-NF4_GROUP_BYTES = 32  # quantization.GROUP_SIZE weights, two a byte
+
+
+@triton.jit
+def program_features(rows, out_features, BLOCK_N: tl.constexpr):
+    """The input row and the block of output features this program computes, and which of them exist."""
+    program = tl.program_id(0)
+    features = (program // rows) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return program % rows, features, features < out_features
 
 
 @triton.jit
 def _int8_kernel(x_ptr, codes_ptr, scale_ptr, out_ptr, rows, out_features, in_features,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    program = tl.program_id(0)
-    row = program % rows
-    features = (program // rows) * BLOCK_N + tl.arange(0, BLOCK_N)
-    feature_ok = features < out_features
+    row, features, feature_ok = program_features(rows, out_features, BLOCK_N)
     total = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for start in range(0, in_features, BLOCK_K):
         offsets = start + tl.arange(0, BLOCK_K)
@@ -52,10 +56,7 @@ def _nf4_kernel(x_ptr, codes_ptr, scale_ptr, levels_ptr, out_ptr, rows, out_feat
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_BYTES: tl.constexpr):
     # Two level lookups a byte bound it at 550-650 GB/s on the H200, against 3.5 TB/s for the int8 kernel:
     # a table in registers (tl.gather) or in one cache line changed little (nf4_kernel_variants.py).
-    program = tl.program_id(0)
-    row = program % rows
-    features = (program // rows) * BLOCK_N + tl.arange(0, BLOCK_N)
-    feature_ok = features < out_features
+    row, features, feature_ok = program_features(rows, out_features, BLOCK_N)
     bytes_per_row = in_features // 2
     groups_per_row = bytes_per_row // GROUP_BYTES
     total = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -74,11 +75,6 @@ def _nf4_kernel(x_ptr, codes_ptr, scale_ptr, levels_ptr, out_ptr, rows, out_feat
     tl.store(out_ptr + row * out_features + features, tl.sum(total, axis=1), mask=feature_ok)
 
 
-def supported(bits: int, in_features: int) -> bool:
-    """The NF4 kernel reads groups of 64 weights; a row that 64 does not divide is one group of its own."""
-    return bits == 8 or in_features % (2 * NF4_GROUP_BYTES) == 0
-
-
 def quantized_matvec(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bits: int, levels: torch.Tensor | None,
                      blocks: tuple[int, int, int] | None = None) -> torch.Tensor:
     """``x @ W.T`` (``[rows, out]`` in ``x``'s dtype) for ``x`` ``[rows, in]`` and ``W`` given as ``codes`` and
@@ -93,7 +89,8 @@ def quantized_matvec(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, 
     if bits == 8:
         _int8_kernel[grid](x, codes, scale, output, rows, out_features, in_features,
                            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
-    else:
+    else:  # the group size as the scales give it: 64 weights, or a whole row that 64 does not divide
+        group_bytes = in_features // scale.shape[1] // 2
         _nf4_kernel[grid](x, codes, scale, levels, output, rows, out_features, in_features,
-                          BLOCK_N=block_n, BLOCK_K=block_k, GROUP_BYTES=NF4_GROUP_BYTES, num_warps=warps)
+                          BLOCK_N=block_n, BLOCK_K=block_k, GROUP_BYTES=group_bytes, num_warps=warps)
     return output.to(x.dtype)
