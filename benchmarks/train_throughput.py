@@ -16,7 +16,8 @@ P = linear parameters (frozen base: no weight-gradient GEMMs), as in ../shared/b
   glmtune runs take flag suffixes: +group (--group_by_length), +compile (--torch_compile),
   +fp8 (--fp8), +nodrop (LoRA dropout 0 instead of 0.1; also for the hf16 rows),
   +ckpt (--gradient_checkpointing), +ckptN (only the first N layers), +plainloss (the model's own loss, logits at every position,
-  instead of glmtune's default label-only chunked loss), +pack (--packing), e.g. lora+group+compile
+  instead of glmtune's default label-only chunked loss), +pack (--packing), e.g. lora+group+compile;
+  the memory probes of training_memory_probes.py: +fp8t (the two-copy FP8 of runs 18-19), +budgetNN, +offload[N]
 
 Timing: a CUDA event is recorded at the end of every optimizer step (a global optimizer hook, the same for
 every runner, with no host sync), so each step's time is read off the GPU's timeline after the run. Tokens
@@ -30,6 +31,7 @@ Run on the device: python benchmarks/train_throughput.py [--runs seed,hf16,lora,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
@@ -246,6 +248,28 @@ def chatglm6b_samples(count: int, tiny: bool, seed: int = 0) -> tuple[object, li
     return config, out
 
 
+@contextlib.contextmanager
+def probes(flags: list[str], run_extra: dict):
+    """The memory probes of training_memory_probes.py a run's flags name (+fp8t, +budgetNN, +offload[N])."""
+    import training_memory_probes as memory_probes
+
+    report: dict = {}
+    with contextlib.ExitStack() as stack:
+        for flag in flags:
+            if flag == "fp8t":
+                run_extra["fp8"] = True
+                stack.enter_context(memory_probes.two_copy_fp8())
+            elif flag.startswith("budget"):
+                stack.enter_context(memory_probes.memory_budget(int(flag[6:]) / 100))
+            elif flag.startswith("offload"):
+                report["offload_check_max_gradient_difference"] = memory_probes.offload_check()
+                stack.enter_context(memory_probes.offloaded_layers(int(flag[7:]) if flag[7:] else None, report))
+        yield report
+    hooks = report.pop("hooks", None)
+    if hooks is not None:
+        report["offloaded_gib_total"] = round(hooks.offloaded_bytes / 2**30, 2)
+
+
 def measure(run: str, args, device: str, data: list, extra: dict) -> dict:
     """Build a fresh model, run ``run``'s runner on it, and return its figures (+nocudnn: SDPA without cuDNN)."""
     if "nocudnn" not in run.split("+"):
@@ -294,8 +318,10 @@ def _measure(run: str, args, device: str, data: list, extra: dict) -> dict:
             model, run_data = build_proxy(args.tiny, device), data
             model.config.use_cache = False
         parameters = linear_parameters(model)
-        measured = glmtune_run(model, run_data, method, micro, 16 // micro, args.steps, args.warmup, run_extra,
-                               plain_loss="plainloss" in flags, profile_to=profile_to, native_chatglm=native)
+        with probes(flags, run_extra) as probe_report:
+            measured = glmtune_run(model, run_data, method, micro, 16 // micro, args.steps, args.warmup, run_extra,
+                                   plain_loss="plainloss" in flags, profile_to=profile_to, native_chatglm=native)
+        measured.update(probe_report)
     # Every runner changes the model (PEFT, HF Trainer's compile, glmtune's methods): the next builds its own.
     del model
     gc.collect()
@@ -329,6 +355,7 @@ def main() -> None:
         if device == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
         try:
             entry = measure(run, args, device, data, extra)
         except Exception as error:  # one failing lever must not cost the rest of the table
@@ -337,6 +364,7 @@ def main() -> None:
             write_json(args.output, results)
             torch._dynamo.reset()
             continue
+        entry["row_seconds"] = round(time.perf_counter() - started, 1)  # build, compile and all steps: plans the calls
         results["runs"][run] = entry
         print(run, {k: v for k, v in entry.items() if k != "step_seconds"}, flush=True)
         write_json(args.output, results)

@@ -4,12 +4,13 @@ Why: a frozen-base fine-tune (LoRA, P-Tuning v2, freeze) spends most of its time
 matmuls, and Hopper/Ada tensor cores run FP8 at about twice the bf16 rate. Only frozen weights are
 quantized, once; what trains (LoRA, prefixes, unfrozen layers) and the LM head stay in bf16/fp32.
 
-Scales are per row on both sides of every product (``torch._scaled_mm`` row-wise scaling):
-forward ``y = x · Wᵀ`` scales each token row of x and each output row of W; backward
-``dx = dy · W`` scales each row of dy and each input column of W, so the weight is kept twice in
-FP8 (as W and as Wᵀ, both 1 byte per value: the bf16 copy's memory) and no weight is dequantized.
-A frozen weight needs no weight gradient, so there is no third product. The same code runs on the
-CPU (``torch._scaled_mm`` has a CPU kernel), which is how the tests check it against bf16.
+Scales are per row on both sides of every product (``torch._scaled_mm`` row-wise scaling). Forward
+``y = x · Wᵀ`` scales each token row of x and each output row of W. Backward ``dx = dy · W`` sums over
+W's output rows, so W's row scales multiply dy's columns before dy's rows are quantized, and the one
+FP8 copy of W is transposed for the product (Hopper's FP8 GEMMs take both operands K-major): the frozen
+weights take half the bf16 copy's memory. A frozen weight needs no weight gradient, so there is no
+third product. The same code runs on the CPU (``torch._scaled_mm`` has a CPU kernel), which is how the
+tests check it against bf16.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Fp8LinearFunction(torch.autograd.Function):
-    """``rows · Wᵀ`` in FP8 with the input gradient ``dy · W`` from Wᵀ's FP8 rows; a frozen W gets no gradient.
+    """``rows · Wᵀ`` in FP8, and the input gradient ``dy · W`` from the same FP8 W; a frozen W gets no gradient.
 
     An autograd.Function that dynamo traces, so inside a compiled layer inductor fuses each row quantization
     into one pass and calls ``torch._scaled_mm`` itself. It replaced two Python custom ops, which inductor
@@ -41,18 +42,19 @@ class Fp8LinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, rows, weight, weight_scale, weight_t, weight_t_scale):
+    def forward(ctx, rows, weight, weight_scale):
         rows_fp8, rows_scale = quantize_rows(rows)
-        ctx.save_for_backward(weight_t, weight_t_scale)
+        ctx.save_for_backward(weight, weight_scale)
         return torch._scaled_mm(rows_fp8, weight.t(), scale_a=rows_scale, scale_b=weight_scale.t(), out_dtype=rows.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
-        weight_t, weight_t_scale = ctx.saved_tensors
-        grad_fp8, grad_scale = quantize_rows(grad_output)
-        grad_rows = torch._scaled_mm(grad_fp8, weight_t.t(), scale_a=grad_scale, scale_b=weight_t_scale.t(),
-                                     out_dtype=grad_output.dtype)
-        return grad_rows, None, None, None, None
+        weight, weight_scale = ctx.saved_tensors
+        grad_fp8, grad_scale = quantize_rows(grad_output.float() * weight_scale.t())
+        weight_k_major = weight.t().contiguous().t()  # [out, in] laid out column-major
+        ones = torch.ones((1, weight.shape[1]), dtype=torch.float32, device=weight.device)
+        grad_rows = torch._scaled_mm(grad_fp8, weight_k_major, scale_a=grad_scale, scale_b=ones, out_dtype=grad_output.dtype)
+        return grad_rows, None, None
 
 
 class Fp8Linear(nn.Module):
@@ -61,18 +63,14 @@ class Fp8Linear(nn.Module):
     def __init__(self, linear: nn.Linear, compute_dtype: torch.dtype):
         super().__init__()
         self.in_features, self.out_features, self.compute_dtype = linear.in_features, linear.out_features, compute_dtype
-        weight = linear.weight.detach()
-        fp8, scale = quantize_rows(weight)
-        fp8_t, scale_t = quantize_rows(weight.t())
+        fp8, scale = quantize_rows(linear.weight.detach())
         self.register_buffer("weight_fp8", fp8)
         self.register_buffer("weight_scale", scale)
-        self.register_buffer("weight_t_fp8", fp8_t.contiguous())
-        self.register_buffer("weight_t_scale", scale_t)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(compute_dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(self.compute_dtype)
-        out = Fp8LinearFunction.apply(rows, self.weight_fp8, self.weight_scale, self.weight_t_fp8, self.weight_t_scale)
+        out = Fp8LinearFunction.apply(rows, self.weight_fp8, self.weight_scale)
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)
@@ -93,12 +91,13 @@ def convert_frozen_linears(layers: nn.Module, compute_dtype: torch.dtype) -> int
     Linears that train (LoRA's A and B, unfrozen layers) and glmtune's int8/int4 ``QuantizedLinear``
     (an ``nn.Linear`` subclass) are left as they are. Sizes must be multiples of 16 (the FP8 kernels').
     """
-    converted = 0
-    for parent in list(layers.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear and not child.weight.requires_grad:
-                if child.in_features % 16 or child.out_features % 16:
-                    continue  # FP8 GEMMs need multiples of 16; such a layer stays in bf16
-                setattr(parent, name, Fp8Linear(child, compute_dtype))
-                converted += 1
-    return converted
+    # Names, not modules, are collected first: a list of the modules would keep every replaced bf16 weight
+    # alive until the end, the whole model's weights twice over at the peak.
+    names = [name for name, module in layers.named_modules()
+             if type(module) is nn.Linear and not module.weight.requires_grad
+             and not (module.in_features % 16 or module.out_features % 16)]  # FP8 GEMMs need multiples of 16
+    for name in names:
+        parent_name, _, child_name = name.rpartition(".")
+        parent = layers.get_submodule(parent_name)
+        setattr(parent, child_name, Fp8Linear(getattr(parent, child_name), compute_dtype))
+    return len(names)
