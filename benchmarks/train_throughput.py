@@ -15,9 +15,10 @@ P = linear parameters (frozen base: no weight-gradient GEMMs), as in ../shared/b
   chatglm6b-ptuning  the same on native ChatGLM-6B (glmtune.models.chatglm, random init, ChatGLM-6B dims)
   glmtune runs take flag suffixes: +group (--group_by_length), +compile (--torch_compile),
   +fp8 (--fp8), +nodrop (LoRA dropout 0 instead of 0.1; also for the hf16 rows),
-  +ckpt (--gradient_checkpointing), +ckptN (only the first N layers), +plainloss (the model's own loss, logits at every position,
+  +ckpt (--gradient_checkpointing), +ckptN (only the first N layers), +budgetNN (--activation_memory_budget NN/100), +plainloss (the model's own loss, logits at every position,
   instead of glmtune's default label-only chunked loss), +pack (--packing), e.g. lora+group+compile;
-  the memory probes of training_memory_probes.py: +fp8t (the two-copy FP8 of runs 18-19), +budgetNN, +offload[N]
+  the probes of training_memory_probes.py: +fp8t (the two-copy FP8 of runs 18-19), +cppwrapper, +offload[N];
+  an unknown suffix is ignored, which lets a row run twice under two names (+again)
 
 Timing: a CUDA event is recorded at the end of every optimizer step (a global optimizer hook, the same for
 every runner, with no host sync), so each step's time is read off the GPU's timeline after the run. Tokens
@@ -250,7 +251,7 @@ def chatglm6b_samples(count: int, tiny: bool, seed: int = 0) -> tuple[object, li
 
 @contextlib.contextmanager
 def probes(flags: list[str], run_extra: dict):
-    """The memory probes of training_memory_probes.py a run's flags name (+fp8t, +budgetNN, +offload[N])."""
+    """The probes of training_memory_probes.py a run's flags name (+fp8t, +cppwrapper, +offload[N])."""
     import training_memory_probes as memory_probes
 
     report: dict = {}
@@ -259,8 +260,8 @@ def probes(flags: list[str], run_extra: dict):
             if flag == "fp8t":
                 run_extra["fp8"] = True
                 stack.enter_context(memory_probes.two_copy_fp8())
-            elif flag.startswith("budget"):
-                stack.enter_context(memory_probes.memory_budget(int(flag[6:]) / 100))
+            elif flag == "cppwrapper":
+                stack.enter_context(memory_probes.cpp_wrapper())
             elif flag.startswith("offload"):
                 report["offload_check_max_gradient_difference"] = memory_probes.offload_check()
                 stack.enter_context(memory_probes.offloaded_layers(int(flag[7:]) if flag[7:] else None, report))
@@ -306,6 +307,8 @@ def _measure(run: str, args, device: str, data: list, extra: dict) -> dict:
         for flag in flags:
             if flag.startswith("ckpt") and flag != "ckpt":  # +ckptN: checkpoint only the first N layers
                 run_extra.update(gradient_checkpointing=True, gradient_checkpointing_layers=int(flag[4:]))
+            if flag.startswith("budget"):  # +budgetNN: --activation_memory_budget NN/100
+                run_extra["activation_memory_budget"] = int(flag[6:]) / 100
         run_extra["lora_dropout"] = 0.0 if "nodrop" in flags else 0.1
         profile_to = Path(os.environ.get("OUT", "benchmarks/results")) / f"profile_{run.replace('+', '_')}.txt" if args.profile else None
         native = name == "chatglm6b-ptuning"

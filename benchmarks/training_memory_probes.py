@@ -2,9 +2,8 @@
 
   +fp8t      the previous --fp8: each frozen weight kept twice in FP8 (W and Wᵀ), so backward needs no transpose;
              beside today's --fp8 (one FP8 copy, transposed in backward) it prices the memory the copy saves
-  +budgetNN  torch._functorch.config.activation_memory_budget = NN/100 while the compiled layers compile: the AOT
-             partitioner recomputes the cheapest saved activations (a knapsack over the layer's graph) instead of
-             whole layers, as gradient checkpointing does
+  +cppwrapper  inductor's C++ wrapper for the compiled layers (run 17 tried it on bf16 LoRA, which waits on its
+             GEMMs; the FP8 rows wait on the host)
   +offload / +offloadN  the saved activations of all (or the first N) decoder layers to pinned host memory on a side
              stream, back on it in backward with prefetch (the design of torchtune's OffloadActivations, which imports
              torchao; written here for the measurement)
@@ -18,20 +17,18 @@ import itertools
 import torch
 from torch import nn
 
+from glmtune.models.fp8 import quantize_rows
+
 
 class TwoCopyFp8Function(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, weight, weight_scale, weight_t, weight_t_scale):
-        from glmtune.models.fp8 import quantize_rows
-
         rows_fp8, rows_scale = quantize_rows(rows)
         ctx.save_for_backward(weight_t, weight_t_scale)
         return torch._scaled_mm(rows_fp8, weight.t(), scale_a=rows_scale, scale_b=weight_scale.t(), out_dtype=rows.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
-        from glmtune.models.fp8 import quantize_rows
-
         weight_t, weight_t_scale = ctx.saved_tensors
         grad_fp8, grad_scale = quantize_rows(grad_output)
         grad_rows = torch._scaled_mm(grad_fp8, weight_t.t(), scale_a=grad_scale, scale_b=weight_t_scale.t(),
@@ -49,7 +46,7 @@ def two_copy_fp8():
     class TwoCopyFp8Linear(original):
         def __init__(self, linear: nn.Linear, compute_dtype: torch.dtype):
             super().__init__(linear, compute_dtype)
-            fp8_t, scale_t = fp8.quantize_rows(linear.weight.detach().t())
+            fp8_t, scale_t = quantize_rows(linear.weight.detach().t())
             self.register_buffer("weight_t_fp8", fp8_t.contiguous())
             self.register_buffer("weight_t_scale", scale_t)
 
@@ -67,8 +64,9 @@ def two_copy_fp8():
         fp8.Fp8Linear = original
 
 
-def memory_budget(fraction: float):
-    return torch._functorch.config.patch(activation_memory_budget=fraction)
+def cpp_wrapper():
+    """Inductor's C++ wrapper: kernels launched from C++ instead of its Python wrapper (less host time a layer)."""
+    return torch._inductor.config.patch(cpp_wrapper=True)
 
 
 class OffloadedActivations(torch.autograd.graph.saved_tensors_hooks):

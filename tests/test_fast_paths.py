@@ -1,5 +1,7 @@
 """Speed-ups in the training path compute the same thing as the plain path."""
 
+import functools
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -10,7 +12,8 @@ from glmtune.methods import get_method
 from glmtune.models.chatglm import ChatGLM2Config, ChatGLM2ForConditionalGeneration, ChatGLMConfig, ChatGLMForConditionalGeneration
 from glmtune.models.chatglm import enable_ptuning
 from glmtune.train.loss import CHUNK_ROWS, SUPPORTED_MODEL_TYPES, label_loss, supports_label_loss
-from glmtune.train.trainer import DataOrder, _loss, enable_gradient_checkpointing
+from glmtune.errors import GlmtuneError
+from glmtune.train.trainer import DataOrder, _loss, _prepare_layers, enable_gradient_checkpointing
 from tiny_models import build_model_folder
 
 EXAMPLES = [
@@ -220,3 +223,34 @@ def test_checkpointing_some_layers_gives_the_same_gradients(tiny_llama):
     for gradients in results[1:]:
         for name, gradient in results[0].items():
             torch.testing.assert_close(gradients[name], gradient, atol=1e-6, rtol=1e-5)
+
+
+def test_activation_memory_budget_keeps_fewer_activations_for_the_same_loss_and_gradients(tiny_llama, monkeypatch):
+    """--activation_memory_budget: the compiled layers save less for backward and recompute the rest, with the same
+    loss and gradients. The partitioner is the one inductor uses; only the code generation is left out here."""
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager_decomp_partition"))
+    batch = collate(EXAMPLES, 0)
+    results = {}
+    for budget in (1.0, 0.1):
+        torch._dynamo.reset()
+        model = prepared(tiny_llama, "lora")
+        _prepare_layers(model, GlmtuneConfig(torch_compile=True, activation_memory_budget=budget), torch.float32)
+        saved_bytes = []
+
+        def pack(tensor):
+            if not isinstance(tensor, torch.nn.Parameter):
+                saved_bytes.append(tensor.numel() * tensor.element_size())
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            results[budget] = (*loss_and_gradients(model, batch, label_only=True), sum(saved_bytes))
+    (loss, gradients, saved), (budget_loss, budget_gradients, budget_saved) = results[1.0], results[0.1]
+    assert budget_saved < 0.8 * saved
+    assert budget_loss == pytest.approx(loss, abs=1e-6)
+    for name, gradient in gradients.items():
+        torch.testing.assert_close(budget_gradients[name], gradient, atol=1e-6, rtol=1e-5)
+
+
+def test_activation_memory_budget_needs_the_compiler(tiny_llama):
+    with pytest.raises(GlmtuneError, match="--activation_memory_budget .* --torch_compile"):
+        _prepare_layers(prepared(tiny_llama, "lora"), GlmtuneConfig(activation_memory_budget=0.5), torch.float32)

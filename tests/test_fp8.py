@@ -81,7 +81,7 @@ def test_conversion_frees_each_bf16_weight_as_it_goes_and_keeps_one_fp8_copy(mon
     monkeypatch.setattr(fp8_module, "Fp8Linear", Counted)
     assert convert_frozen_linears(layers, torch.bfloat16) == 3
     assert alive_at_each_conversion == [3, 2, 1]
-    assert {name: tuple(buffer.shape) for name, buffer in layers[0].named_buffers()} == {
+    assert {name: tuple(buffer.shape) for name, buffer in layers[0].state_dict().items()} == {
         "weight_fp8": (128, 64), "weight_scale": (128, 1), "bias": (128,)}
 
 

@@ -194,6 +194,11 @@ class TrainingConfig:
         "the fastest setup measured (1.26x HF Trainer with its own torch_compile and group_by_length, "
         "benchmarks/RESULTS.md); the first steps compile (about a minute).", default=False
     )
+    activation_memory_budget: float = _help(
+        "With --torch_compile: the share of each layer's activations kept for backward (1: all); the compiler "
+        "recomputes the cheapest of the rest. Less memory for less speed than --gradient_checkpointing (H200, "
+        "LoRA at 0.5: 2.8 GiB less, 7 percent slower).", default=1.0
+    )
     seed: int = _help("Random seed for init, data order and dropout.", default=42)
     report_to: str = _help(
         "Trackers, comma-separated: none, tensorboard, wandb, mlflow, swanlab (each its extra: pip install "
@@ -480,6 +485,7 @@ RANGES: dict[str, tuple[Callable[[object], bool], str]] = {
     "eval_generate_samples": _at_least(0),
     "save_total_limit": _optional_at_least(1),
     "gradient_checkpointing_layers": _optional_at_least(1),
+    "activation_memory_budget": ((lambda v: 0 <= v <= 1), "in [0, 1] (1: keep every activation)"),
     # numpy's seed (transformers.set_seed) takes 0 <= seed < 2**32
     "seed": ((lambda v: 0 <= v < 2**32), "in [0, 2**32)"),
     "max_new_tokens": _optional_at_least(1),

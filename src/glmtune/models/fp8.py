@@ -42,19 +42,19 @@ class Fp8LinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, rows, weight, weight_scale):
+    def forward(ctx, rows, weight, weight_scale, input_ones):
         rows_fp8, rows_scale = quantize_rows(rows)
-        ctx.save_for_backward(weight, weight_scale)
+        ctx.save_for_backward(weight, weight_scale, input_ones)
         return torch._scaled_mm(rows_fp8, weight.t(), scale_a=rows_scale, scale_b=weight_scale.t(), out_dtype=rows.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
-        weight, weight_scale = ctx.saved_tensors
+        weight, weight_scale, input_ones = ctx.saved_tensors
         grad_fp8, grad_scale = quantize_rows(grad_output.float() * weight_scale.t())
         weight_k_major = weight.t().contiguous().t()  # [out, in] laid out column-major
-        ones = torch.ones((1, weight.shape[1]), dtype=torch.float32, device=weight.device)
-        grad_rows = torch._scaled_mm(grad_fp8, weight_k_major, scale_a=grad_scale, scale_b=ones, out_dtype=grad_output.dtype)
-        return grad_rows, None, None
+        grad_rows = torch._scaled_mm(grad_fp8, weight_k_major, scale_a=grad_scale, scale_b=input_ones,
+                                     out_dtype=grad_output.dtype)
+        return grad_rows, None, None, None
 
 
 class Fp8Linear(nn.Module):
@@ -66,11 +66,14 @@ class Fp8Linear(nn.Module):
         fp8, scale = quantize_rows(linear.weight.detach())
         self.register_buffer("weight_fp8", fp8)
         self.register_buffer("weight_scale", scale)
+        # W's scales are folded into dy in backward; _scaled_mm still takes row-wise scales on both sides. A buffer,
+        # not a torch.ones per call: one kernel launch less per layer and step, where the FP8 steps wait on the host.
+        self.register_buffer("input_ones", torch.ones((1, self.in_features), device=fp8.device), persistent=False)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(compute_dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(self.compute_dtype)
-        out = Fp8LinearFunction.apply(rows, self.weight_fp8, self.weight_scale)
+        out = Fp8LinearFunction.apply(rows, self.weight_fp8, self.weight_scale, self.input_ones)
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)

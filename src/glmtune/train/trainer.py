@@ -197,13 +197,31 @@ def _prepare_layers(model: nn.Module, config: GlmtuneConfig, dtype: torch.dtype)
         if not converted:
             raise GlmtuneError("--fp8: the model has no frozen linear layers to run in FP8 (it is for LoRA, P-Tuning v2 and freeze)")
         logger.info("--fp8: %d frozen linear layers compute in FP8", converted)
+    if config.activation_memory_budget < 1 and not config.torch_compile:
+        raise GlmtuneError("--activation_memory_budget is the compiler's: add --torch_compile (or drop the flag)")
     if config.torch_compile:
         # Each layer's forward, compiled on its own: small graphs that compile fast, and the checkpoint
         # wrapper below stays outside the compiled region (inductor cannot partition a checkpoint inside one).
         for layer in decoder_layers(model):
-            layer.forward = torch.compile(layer.forward, dynamic=True)
+            layer.forward = _compiled(layer.forward, config.activation_memory_budget)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model, config.gradient_checkpointing_layers)
+
+
+def _compiled(forward: Callable, memory_budget: float) -> Callable:
+    """``forward`` through torch.compile; under 1, ``memory_budget`` is the share of the layer's saved activations
+    the compiler's partitioner may keep: it recomputes the cheapest of the others in backward (H200: 0.5 kept
+    -2.8 GiB of LoRA's 8.5 GiB for -7% tokens/s, where checkpointing half the layers cost -30%, benchmarks/NOTES.md).
+    The partition is chosen when a shape first compiles, so the setting is patched around each call."""
+    compiled = torch.compile(forward, dynamic=True)
+    if memory_budget >= 1:
+        return compiled
+
+    def under_budget(*args, **kwargs):
+        with torch._functorch.config.patch(activation_memory_budget=memory_budget):
+            return compiled(*args, **kwargs)
+
+    return under_budget
 
 
 def _packed_attention(model: nn.Module, device: torch.device) -> str | None:
