@@ -36,6 +36,10 @@ def main() -> None:
                              "dominates a CPU step, and it runs once per answer token)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                         help="compute dtype of both runs (default: bfloat16 on a GPU, float32 on a CPU)")
+    parser.add_argument("--baseline_from", default=None,
+                        help="an earlier fp8_quality JSON whose baseline curve to reuse (same arguments; the baseline's "
+                             "code unchanged since), so that only the FP8 run is trained again")
+    parser.add_argument("--output", default="fp8_quality.json")
     args = parser.parse_args()
     from glmtune.config import GlmtuneConfig
     from glmtune.recipes.train import run_train
@@ -50,7 +54,15 @@ def main() -> None:
     else:
         data = dict(train_file=str(HERE.parent / "src" / "glmtune" / "demo_data" / "demo_train.jsonl"))
     curves = {}
-    for name, fp8 in ((dtype, False), ("fp8", True)):
+    runs = ((dtype, False), ("fp8", True))
+    if args.baseline_from:
+        earlier = json.loads(Path(args.baseline_from).read_text())
+        keys = ("steps", "batch", "eval_records", "max_length")
+        if [earlier["args"][k] for k in keys] != [getattr(args, k) for k in keys]:
+            raise SystemExit(f"--baseline_from {args.baseline_from} ran with other arguments: {earlier['args']}")
+        curves[dtype] = {**earlier["curves"][dtype], "from": f"{args.baseline_from} ({earlier['env']['date']})"}
+        runs = runs[1:]
+    for name, fp8 in runs:
         started = time.perf_counter()
         result = run_train(GlmtuneConfig(
             do_train=True, output_dir=tempfile.mkdtemp(), max_steps=args.steps, per_device_train_batch_size=args.batch,
@@ -70,7 +82,7 @@ def main() -> None:
                "max_relative_difference_of_10_step_means": max(relative_means, default=None),
                "final_loss": {dtype: plain[-1], "fp8": fp8[-1]},
                "validation_loss": {name: curve["eval_losses"] for name, curve in curves.items()}}
-    write_json("fp8_quality.json", {"env": environment(), "args": vars(args), "summary": summary, "curves": curves})
+    write_json(args.output, {"env": environment(), "args": vars(args), "summary": summary, "curves": curves})
     print(json.dumps(summary, indent=1))
 
 

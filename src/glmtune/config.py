@@ -197,7 +197,7 @@ class TrainingConfig:
     activation_memory_budget: float = _help(
         "With --torch_compile: the share of each layer's activations kept for backward (1: all); the compiler "
         "recomputes the cheapest of the rest. Less memory for less speed than --gradient_checkpointing (H200, "
-        "LoRA at 0.5: 2.8 GiB less, 7 percent slower).", default=1.0
+        "LoRA at 0.5: 2.8 GiB less, 6-7 percent slower).", default=1.0
     )
     seed: int = _help("Random seed for init, data order and dropout.", default=42)
     report_to: str = _help(
@@ -221,7 +221,9 @@ class TrainingConfig:
     )
     fp8: bool = _help(
         "Run the frozen base's linear layers in FP8 (e4m3, row-wise scales) on GPUs with FP8 tensor cores "
-        "(H100/H200, L4, RTX 40xx); what trains stays bf16/fp32. Faster, with a slightly noisier loss.", default=False
+        "(H100/H200, L4, RTX 40xx); what trains stays bf16/fp32. The frozen weights take half the memory, with a "
+        "slightly noisier loss; its speed on an H200 ranged from 0.8x to 1.26x bf16's across runs "
+        "(benchmarks/RESULTS.md).", default=False
     )
     packing: bool = _help(
         "--stage sft: put each micro-batch's examples end to end in one row, with no padding and no attention "

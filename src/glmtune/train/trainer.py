@@ -210,9 +210,10 @@ def _prepare_layers(model: nn.Module, config: GlmtuneConfig, dtype: torch.dtype)
 
 def _compiled(forward: Callable, memory_budget: float) -> Callable:
     """``forward`` through torch.compile; under 1, ``memory_budget`` is the share of the layer's saved activations
-    the compiler's partitioner may keep: it recomputes the cheapest of the others in backward (H200: 0.5 kept
-    -2.8 GiB of LoRA's 8.5 GiB for -7% tokens/s, where checkpointing half the layers cost -30%, benchmarks/NOTES.md).
-    The partition is chosen when a shape first compiles, so the setting is patched around each call."""
+    the compiler's partitioner may keep: it recomputes the cheapest of the others in backward (H200, LoRA: 0.5 freed
+    2.8 of 8.5 GiB of activations for 6-7% of the speed, where checkpointing half the layers cost 30%,
+    benchmarks/NOTES.md). The partition is chosen when a shape first compiles, so the setting is patched around
+    each call."""
     compiled = torch.compile(forward, dynamic=True)
     if memory_budget >= 1:
         return compiled
