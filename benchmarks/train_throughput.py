@@ -266,9 +266,6 @@ def probes(flags: list[str], run_extra: dict):
                 report["offload_check_max_gradient_difference"] = memory_probes.offload_check()
                 stack.enter_context(memory_probes.offloaded_layers(int(flag[7:]) if flag[7:] else None, report))
         yield report
-    hooks = report.pop("hooks", None)
-    if hooks is not None:
-        report["offloaded_gib_total"] = round(hooks.offloaded_bytes / 2**30, 2)
 
 
 def measure(run: str, args, device: str, data: list, extra: dict) -> dict:

@@ -134,16 +134,17 @@ class OffloadedActivations(torch.autograd.graph.saved_tensors_hooks):
 @contextlib.contextmanager
 def offloaded_layers(count: int | None, report: dict):
     """glmtune's training with the first ``count`` decoder layers (all: None) under OffloadedActivations, wrapped
-    outside their compiled forwards; ``report`` gets the bytes offloaded a micro-batch."""
+    outside their compiled forwards; ``report`` gets the GiB offloaded over the whole run."""
     from glmtune.models.introspect import decoder_layers
     from glmtune.train import trainer
 
     original = trainer._prepare_layers
+    created: list[OffloadedActivations] = []
 
     def prepare(model, config, dtype):
         original(model, config, dtype)
         hooks = OffloadedActivations(model)
-        report["hooks"] = hooks
+        created.append(hooks)
         for layer in list(decoder_layers(model))[:count]:
             forward = layer.forward
 
@@ -158,6 +159,8 @@ def offloaded_layers(count: int | None, report: dict):
         yield
     finally:
         trainer._prepare_layers = original
+        if created:
+            report["offloaded_gib_total"] = round(sum(hooks.offloaded_bytes for hooks in created) / 2**30, 2)
 
 
 def offload_check() -> float:
